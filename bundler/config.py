@@ -1,0 +1,233 @@
+"""Every setting kernel-bundler reads, parsed from the environment in this one module.
+
+Why one module: a training job is configured through environment variables set by a launcher the
+user may not control, so every knob must be discoverable in one place, typed, and validated with
+an error that names the variable. Code elsewhere takes a :class:`Settings` argument (defaulting to
+``Settings.from_env()``) instead of calling ``os.environ``, which keeps tests hermetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from bundler.errors import ConfigError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
+
+
+def parse_size(name: str, raw: str) -> int:
+    """Accept plain bytes or a binary-unit suffix (``16GiB``, ``512M``, ``64k``)."""
+    match = _SIZE.match(raw)
+    if not match:
+        raise ConfigError(f"{name}={raw!r} is not a size; use bytes or a suffix such as 64MiB or 16GiB")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _UNITS[unit]
+
+
+def _parse_int(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+
+
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be greater than zero")
+    return value
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kernel-bundler"
+
+
+def _default_triton_cache_dir() -> Path:
+    home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
+    return Path(home) / ".triton" / "cache"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """All knobs, with the environment variable that sets each one.
+
+    Storage
+        remote (``BUNDLER_REMOTE``): store URL, ``s3://bucket/prefix`` or ``file:///path``. No remote
+            means purely local operation.
+        connect_timeout / read_timeout (``BUNDLER_CONNECT_TIMEOUT`` / ``BUNDLER_READ_TIMEOUT``,
+            seconds): per-request socket limits; with ``max_attempts`` they bound how long a dead
+            endpoint can stall a job start.
+        max_attempts (``BUNDLER_MAX_ATTEMPTS``): botocore attempts per request, first one included.
+        retry_mode (``BUNDLER_RETRY_MODE``): botocore retry mode, ``standard`` or ``adaptive``.
+        multipart_threshold / multipart_chunksize (``BUNDLER_MULTIPART_THRESHOLD`` /
+            ``BUNDLER_MULTIPART_CHUNKSIZE``): above the threshold, uploads go multipart and downloads
+            use parallel ranged GETs of ``chunksize`` each.
+        max_concurrency (``BUNDLER_MAX_CONCURRENCY``): threads for multipart and ranged transfers.
+
+    Bundles
+        zstd_level (``BUNDLER_ZSTD_LEVEL``): compression level; 3 is zstd's default and fast.
+        zstd_threads (``BUNDLER_ZSTD_THREADS``): compression threads, 0 = one per CPU.
+        long_window_log (``BUNDLER_LONG_WINDOW_LOG``): long-distance matching window (2**N bytes)
+            used when packing; 0 disables it. Real caches repeat kernels inside Inductor's pickles
+            far apart, which plain level 3 cannot see.
+        max_window_log (``BUNDLER_MAX_WINDOW_LOG``): the largest window a frame may demand when
+            unpacking, so a hostile frame cannot make us allocate gigabytes.
+        max_bundle_bytes (``BUNDLER_MAX_BUNDLE_BYTES``) / max_members (``BUNDLER_MAX_MEMBERS``):
+            limits on what one bundle may unpack to, checked before bytes are written.
+        signing_key (``BUNDLER_SIGNING_KEY``): shared secret; when set, refs are signed on push and
+            unsigned or wrongly signed refs are rejected on pull.
+
+    Local caches and switches
+        cache_dir (``BUNDLER_CACHE_DIR``): root of our local cache (autotune records, bundle
+            staging); default ``$XDG_CACHE_HOME/kernel-bundler``.
+        triton_cache_dir (``TRITON_CACHE_DIR``): Triton's kernel cache, bundled by compile sessions.
+        tag (``BUNDLER_TAG``): user salt mixed into every key; change it to invalidate everything.
+        local_cache (``BUNDLER_LOCAL_CACHE``): per-kernel autotune records on local disk.
+        remote_autotune (``BUNDLER_REMOTE_AUTOTUNE``): per-kernel autotune records in the store.
+        bundles (``BUNDLER_BUNDLES``): per-compile bundles; requires the local cache.
+        pull_budget (``BUNDLER_PULL_BUDGET``, seconds): the most ``begin_compile`` may spend fetching
+            before it gives up and lets the job compile.
+    """
+
+    remote: str | None = None
+    connect_timeout: float = 3.0
+    read_timeout: float = 10.0
+    max_attempts: int = 3
+    retry_mode: str = "standard"
+    multipart_threshold: int = 64 << 20
+    multipart_chunksize: int = 16 << 20
+    max_concurrency: int = 8
+
+    zstd_level: int = 3
+    zstd_threads: int = 0
+    long_window_log: int = 27
+    max_window_log: int = 27
+    max_bundle_bytes: int = 16 << 30
+    max_members: int = 1_000_000
+    signing_key: str | None = dataclasses.field(default=None, repr=False)
+
+    cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
+    triton_cache_dir: Path = dataclasses.field(default_factory=_default_triton_cache_dir)
+    tag: str = ""
+    local_cache: bool = True
+    remote_autotune: bool = True
+    bundles: bool = True
+    pull_budget: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.bundles and not self.local_cache:
+            raise ConfigError(
+                "BUNDLER_BUNDLES=1 needs BUNDLER_LOCAL_CACHE=1: bundles unpack into the local cache; "
+                "turn bundles off or the local cache on"
+            )
+        if not 1 <= self.max_attempts <= 20:
+            raise ConfigError(f"BUNDLER_MAX_ATTEMPTS={self.max_attempts} must be between 1 and 20")
+        if self.retry_mode not in ("standard", "adaptive", "legacy"):
+            raise ConfigError(f"BUNDLER_RETRY_MODE={self.retry_mode!r}: use standard or adaptive")
+        if not 10 <= self.max_window_log <= 31:
+            raise ConfigError(f"BUNDLER_MAX_WINDOW_LOG={self.max_window_log} must be between 10 and 31")
+        if self.long_window_log and not 10 <= self.long_window_log <= self.max_window_log:
+            raise ConfigError(
+                f"BUNDLER_LONG_WINDOW_LOG={self.long_window_log} must be 0 or between 10 and "
+                f"BUNDLER_MAX_WINDOW_LOG ({self.max_window_log}), or readers could not unpack it"
+            )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``); keyword overrides win."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            var = _ENV_NAMES[field.name]
+            raw = env.get(var)
+            if raw is None:
+                continue
+            values[field.name] = _PARSERS[field.name](var, raw)
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _str(_name: str, raw: str) -> str:
+    return raw
+
+
+def _opt_str(_name: str, raw: str) -> str | None:
+    return raw or None
+
+
+def _path(_name: str, raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+_ENV_NAMES = {
+    "remote": "BUNDLER_REMOTE",
+    "connect_timeout": "BUNDLER_CONNECT_TIMEOUT",
+    "read_timeout": "BUNDLER_READ_TIMEOUT",
+    "max_attempts": "BUNDLER_MAX_ATTEMPTS",
+    "retry_mode": "BUNDLER_RETRY_MODE",
+    "multipart_threshold": "BUNDLER_MULTIPART_THRESHOLD",
+    "multipart_chunksize": "BUNDLER_MULTIPART_CHUNKSIZE",
+    "max_concurrency": "BUNDLER_MAX_CONCURRENCY",
+    "zstd_level": "BUNDLER_ZSTD_LEVEL",
+    "zstd_threads": "BUNDLER_ZSTD_THREADS",
+    "long_window_log": "BUNDLER_LONG_WINDOW_LOG",
+    "max_window_log": "BUNDLER_MAX_WINDOW_LOG",
+    "max_bundle_bytes": "BUNDLER_MAX_BUNDLE_BYTES",
+    "max_members": "BUNDLER_MAX_MEMBERS",
+    "signing_key": "BUNDLER_SIGNING_KEY",
+    "cache_dir": "BUNDLER_CACHE_DIR",
+    "triton_cache_dir": "TRITON_CACHE_DIR",
+    "tag": "BUNDLER_TAG",
+    "local_cache": "BUNDLER_LOCAL_CACHE",
+    "remote_autotune": "BUNDLER_REMOTE_AUTOTUNE",
+    "bundles": "BUNDLER_BUNDLES",
+    "pull_budget": "BUNDLER_PULL_BUDGET",
+}
+
+_PARSERS = {
+    "remote": _opt_str,
+    "connect_timeout": _parse_float,
+    "read_timeout": _parse_float,
+    "max_attempts": _parse_int,
+    "retry_mode": _str,
+    "multipart_threshold": parse_size,
+    "multipart_chunksize": parse_size,
+    "max_concurrency": _parse_int,
+    "zstd_level": _parse_int,
+    "zstd_threads": _parse_int,
+    "long_window_log": _parse_int,
+    "max_window_log": _parse_int,
+    "max_bundle_bytes": parse_size,
+    "max_members": _parse_int,
+    "signing_key": _opt_str,
+    "cache_dir": _path,
+    "triton_cache_dir": _path,
+    "tag": _str,
+    "local_cache": parse_bool,
+    "remote_autotune": parse_bool,
+    "bundles": parse_bool,
+    "pull_budget": _parse_float,
+}

@@ -1,0 +1,94 @@
+"""One exception family per concern, each carrying the CLI exit code that reports it.
+
+Callers catch :class:`BundlerError` to catch everything of ours; the CLI maps ``exit_code`` to the
+process status so scripts can tell a miss (3) from a hostile bundle (4) from a dead store (5).
+Messages name the object, the key and the next step, because the person reading them is usually
+looking at a CI log, not at our source.
+"""
+
+from __future__ import annotations
+
+
+class BundlerError(Exception):
+    """Base of every error kernel-bundler raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(BundlerError):
+    """A setting, URL or argument that cannot be used as given."""
+
+    exit_code = 2
+
+
+# --- bundles -------------------------------------------------------------------------------------
+
+
+class BundleError(BundlerError):
+    """A bundle was rejected: corrupt, truncated, hostile, or not the one that was asked for.
+
+    Nothing in the destination changes when this is raised.
+    """
+
+    exit_code = 4
+
+
+class NotABundleError(BundleError):
+    """The bytes are not a zstd-compressed tar stream (or stop before the tar ends)."""
+
+
+class ManifestError(BundleError):
+    """MANIFEST.json is missing, not first, malformed, or of an unknown format version."""
+
+
+class UnsafeMemberError(BundleError):
+    """A member would escape the destination or is not a plain file (link, device, FIFO, ...)."""
+
+
+class IntegrityError(BundleError):
+    """Bytes do not match what the manifest or the requested digest promised."""
+
+
+class LimitExceededError(BundleError):
+    """The bundle is larger, or has more members, than the configured limits allow."""
+
+
+class SignatureError(BundleError):
+    """A signature is missing or wrong while a signing key is configured."""
+
+
+# --- stores --------------------------------------------------------------------------------------
+
+
+class StoreError(BundlerError):
+    """An object store failed to do what was asked."""
+
+    exit_code = 5
+
+
+class NotFoundError(StoreError):
+    """The key (bundle, ref, autotune record) does not exist in the store."""
+
+    exit_code = 3
+
+
+class AlreadyExistsError(StoreError):
+    """A create-only write found the key already present (a race that another writer won)."""
+
+    exit_code = 1
+
+
+class StoreUnreachableError(StoreError):
+    """The store did not answer within the configured time budget, or refused the connection."""
+
+
+class AccessDeniedError(StoreError):
+    """Credentials are missing, invalid, or lack permission for the action on the key."""
+
+
+class NoSuchBucketError(StoreError):
+    """The bucket in the remote URL does not exist at the endpoint."""
+
+
+class LocalCacheError(BundlerError):
+    """The local cache directory could not be written (full disk, permissions, read-only FS)."""
