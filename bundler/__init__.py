@@ -30,6 +30,7 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
+    # ruff: noqa: F401 - names re-exported lazily through __getattr__
     from bundler.artifacts import load_artifacts, save_artifacts
     from bundler.autotune import AutotuneCache
     from bundler.config import Settings

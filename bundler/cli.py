@@ -1,0 +1,209 @@
+"""The ``bundler`` command: parsing and printing only; the work happens in the layers below.
+
+Exit codes are a contract scripts rely on: 0 success, 2 usage error, 3 not found, 4 integrity or
+safety rejection, 5 storage unreachable or denied, 1 anything else. Each command imports what it
+needs when it runs, so ``bundler unpack`` never pays for boto3's import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from bundler import __version__
+from bundler.errors import BundlerError, ConfigError, NotFoundError
+
+log = logging.getLogger("bundler")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
+
+
+@contextlib.contextmanager
+def _open_input(path: str) -> Iterator[BinaryIO]:
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after the caller's block
+    except FileNotFoundError:
+        raise NotFoundError(f"bundle file {path} does not exist") from None
+    except OSError as exc:
+        raise BundlerError(f"cannot open {path}: {exc.strerror or exc}") from None
+    with f:
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[BinaryIO]:
+    """A file that appears at ``path`` complete or not at all."""
+    if path == "-":
+        yield sys.stdout.buffer
+        return
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _settings(args: argparse.Namespace):
+    from bundler.config import Settings
+
+    overrides = {}
+    if getattr(args, "level", None) is not None:
+        overrides["zstd_level"] = args.level
+    return Settings.from_env(**overrides)
+
+
+# --- local bundle files --------------------------------------------------------------------------
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from bundler import archive
+
+    with atomic_output(args.output) as out:
+        result = archive.pack(Path(args.dir), out, settings=_settings(args))
+    log.info("packed %d files (%d bytes) into %s (%d bytes)", len(result.manifest.files),
+             result.manifest.total_size, args.output, result.compressed_size)
+    print(result.digest)
+    return EXIT_OK
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from bundler import archive
+
+    with _open_input(args.file) as f:
+        man = archive.unpack(f, Path(args.into), expected_digest=args.digest, settings=_settings(args))
+    log.info("unpacked %d files (%d bytes) into %s", len(man.files), man.total_size, args.into)
+    print(man.digest)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bundler import archive
+
+    with _open_input(args.file) as f:
+        man = archive.verify(f, expected_digest=args.digest, settings=_settings(args))
+    print(f"ok {man.digest} {len(man.files)} files {man.total_size} bytes")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bundler import archive
+
+    with _open_input(args.file) as f:
+        man = archive.read_manifest(f, settings=_settings(args))
+    summary = man.summary()
+    if args.files or args.json:
+        summary["file_list"] = [{"path": r.path, "size": r.size, "sha256": r.sha256} for r in man.files]
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"digest:     {summary['digest']}")
+    print(f"format:     {summary['format']}")
+    print(f"files:      {summary['files']}")
+    print(f"total size: {summary['total_size']} bytes")
+    for key, value in sorted(summary["producer"].items()):
+        print(f"producer.{key}: {value}")
+    for record in man.files if args.files else ():
+        print(f"  {record.size:>12}  {record.sha256[:12]}  {record.path}")
+    return EXIT_OK
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def _digest(value: str) -> str:
+    from bundler.stores.layout import check_digest
+
+    try:
+        return check_digest(value.lower())
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bundler",
+        description="Pack, verify and ship GPU compile caches as content-addressed bundles.",
+    )
+    parser.add_argument("--version", action="version", version=f"kernel-bundler {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("pack", cmd_pack, "pack a cache directory into a bundle file; prints its digest")
+    p.add_argument("dir", help="directory to pack")
+    p.add_argument("-o", "--output", required=True, help="bundle file to write ('-' for stdout)")
+    p.add_argument("--level", type=int, help="zstd level (default BUNDLER_ZSTD_LEVEL or 3)")
+
+    p = command("unpack", cmd_unpack, "verify a bundle file and extract it into a directory")
+    p.add_argument("file", help="bundle file ('-' for stdin)")
+    p.add_argument("--into", required=True, help="destination directory")
+    p.add_argument("--digest", type=_digest, help="reject the bundle unless it has this digest")
+
+    p = command("verify", cmd_verify, "check a bundle file completely without extracting it")
+    p.add_argument("file", help="bundle file ('-' for stdin)")
+    p.add_argument("--digest", type=_digest, help="reject the bundle unless it has this digest")
+
+    p = command("inspect", cmd_inspect, "print a bundle's manifest summary")
+    p.add_argument("file", help="bundle file ('-' for stdin)")
+    p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    p.add_argument("--files", action="store_true", help="list every file")
+
+    _add_remote_commands(command)
+    return parser
+
+
+def _add_remote_commands(command) -> None:
+    """Commands that talk to a store live in cli_remote so local commands never import it."""
+    from bundler import cli_remote
+
+    cli_remote.add_commands(command)
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("bundler: %(levelname)s: %(message)s"))
+    root = logging.getLogger("bundler")
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except BundlerError as exc:
+        print(f"bundler: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bundler: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Putting verified files into a cache directory without ever exposing a partial bundle.
+
+Steps, and why each exists:
+1. Map each member to its target: ``dest`` is one root, or a mapping from a member's first path
+   component to a root (a compile bundle spans the Triton cache and our autotune records).
+2. Stage: bytes are written to flat, numbered files in a private ``.bundler-staging-*`` folder
+   inside each root, so the final rename stays on one filesystem and is atomic.
+3. Check every target before moving any: no existing symlink on the way may lead outside the
+   root, and no directory may sit where a file goes. A refusal here leaves the root untouched.
+4. Move: ``os.replace`` per file. Readers see either the old file or the complete new one; two
+   processes placing the same bundle both succeed, because identical files simply replace each
+   other. Locks would only save duplicate work (huggingface_hub's lesson: ``flock`` silently
+   succeeds on some network filesystems), so correctness never depends on one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from bundler.errors import LocalCacheError, UnsafeMemberError
+
+STAGING_PREFIX = ".bundler-staging-"
+
+Destination = Path | str | Mapping[str, Path | str]
+
+
+def _local_error(exc: OSError, what: str, path: str) -> LocalCacheError:
+    hint = {
+        errno.ENOSPC: "the disk is full: free space or point the cache elsewhere",
+        errno.EDQUOT: "the disk quota is exhausted: free space or point the cache elsewhere",
+        errno.EROFS: "the filesystem is read-only: point the cache at a writable directory",
+        errno.EACCES: "permission denied: fix the directory's permissions or use another cache directory",
+        errno.EPERM: "permission denied: fix the directory's permissions or use another cache directory",
+    }.get(exc.errno or 0, "check the cache directory")
+    return LocalCacheError(f"could not {what} {path}: {exc.strerror or exc}; {hint}")
+
+
+class Placement:
+    """Stages the members of one bundle and moves them into place once all are verified."""
+
+    def __init__(self, dest: Destination) -> None:
+        if isinstance(dest, Mapping):
+            self._roots: dict[str | None, Path] = {k: Path(v) for k, v in dest.items()}
+        else:
+            self._roots = {None: Path(dest)}
+        self._staging: dict[Path, str] = {}
+        self._moves: list[tuple[str, Path, Path]] = []  # staged file, root, final target
+
+    def target(self, name: str) -> tuple[Path, Path]:
+        """The root and final path of member ``name`` (already checked by manifest.check_path)."""
+        if None in self._roots:
+            root = self._roots[None]
+            return root, root.joinpath(*name.split("/"))
+        top, _, rest = name.partition("/")
+        root = self._roots.get(top)
+        if root is None or not rest:
+            known = ", ".join(sorted(k for k in self._roots if k)) or "none"
+            raise UnsafeMemberError(
+                f"member {name!r} is outside the folders this bundle may unpack into ({known})"
+            )
+        return root, root.joinpath(*rest.split("/"))
+
+    def stage(self, name: str) -> tuple[str, Path]:
+        """A fresh staging path for member ``name``, and its final target."""
+        root, target = self.target(name)
+        staging = self._staging.get(root)
+        if staging is None:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
+            except OSError as exc:
+                raise _local_error(exc, "create a staging folder in", str(root)) from exc
+            self._staging[root] = staging
+        staged = os.path.join(staging, str(len(self._moves)))
+        self._moves.append((staged, root, target))
+        return staged, target
+
+    def commit(self) -> None:
+        """Check every target, then move all staged files into place."""
+        self._check_targets()
+        made: set[Path] = set()
+        try:
+            for staged, _root, target in self._moves:
+                parent = target.parent
+                if parent not in made:
+                    parent.mkdir(parents=True, exist_ok=True)
+                    made.add(parent)
+                os.replace(staged, target)
+        except OSError as exc:
+            raise _local_error(exc, "move a verified file into", str(target)) from exc
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Remove staging folders; safe to call more than once."""
+        for staging in self._staging.values():
+            shutil.rmtree(staging, ignore_errors=True)
+        self._staging.clear()
+
+    def _check_targets(self) -> None:
+        real_roots = {root: os.path.realpath(root) for root in {r for _, r, _ in self._moves}}
+        checked: set[Path] = set()
+        for _staged, root, target in self._moves:
+            if target.parent not in checked:
+                _check_parent(root, real_roots[root], target)
+                checked.add(target.parent)
+            if target.is_dir() and not target.is_symlink():
+                raise UnsafeMemberError(f"{target} is a directory, but the bundle has a file there")
+
+
+def _check_parent(root: Path, real_root: str, target: Path) -> None:
+    """Every existing folder between root and target must resolve inside the root."""
+    current = root
+    for part in target.relative_to(root).parts[:-1]:
+        current = current / part
+        if not os.path.lexists(current):
+            return  # the rest is created by us, fresh
+        real = os.path.realpath(current)
+        if real != real_root and not real.startswith(real_root + os.sep):
+            raise UnsafeMemberError(
+                f"{current} is a link to {real}, outside {root}; refusing to write {target.name} through it. "
+                "Remove the link from the cache directory"
+            )
+        if not os.path.isdir(real):
+            raise UnsafeMemberError(f"{current} is a file, but the bundle needs a folder there")

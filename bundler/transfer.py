@@ -1,0 +1,217 @@
+"""Push and pull bundles: archive + store + refs, and nothing else.
+
+Push packs into a spool (the digest is known only once everything is hashed), then uploads with a
+create-only write, so many CI jobs pushing the same bundle produce one object and no error. Pull
+streams the object straight into ``archive.unpack``: no temp copy of the bundle, verification
+while the bytes arrive, nothing visible until all of it checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any, BinaryIO
+
+from bundler import archive, refs
+from bundler.config import Settings
+from bundler.errors import ConfigError
+from bundler.manifest import Manifest
+from bundler.placement import Destination
+from bundler.progress import NULL_PROGRESS, Progress
+from bundler.refs import Ref, read_ref
+from bundler.stores import layout
+from bundler.stores.base import ObjectInfo, Store
+
+log = logging.getLogger(__name__)
+
+_SPOOL_IN_MEMORY = 64 << 20
+_COPY_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class PushResult:
+    digest: str
+    size: int
+    uploaded: bool
+    manifest: Manifest
+    ref: Ref | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PullResult:
+    digest: str
+    manifest: Manifest
+    ref: Ref | None = None
+
+
+def _resolve(store: Store, digest: str | None, ref: str | None, settings: Settings) -> tuple[str, Ref | None]:
+    if (digest is None) == (ref is None):
+        raise ConfigError("give exactly one of a bundle digest or a ref name")
+    if ref is not None:
+        found = read_ref(store, ref, settings)
+        return found.digest, found
+    return layout.check_digest(digest), None  # type: ignore[arg-type]
+
+
+def upload(
+    store: Store,
+    stream: BinaryIO,
+    digest: str,
+    size: int,
+    *,
+    progress: Progress = NULL_PROGRESS,
+) -> bool:
+    """Create the bundle object unless it exists; True when this call uploaded it."""
+    key = layout.bundle_key(digest)
+    if store.exists(key):
+        log.info("bundle %s already in %s; not uploading", digest, store.url)
+        return False
+    created = store.write(key, stream, size=size, if_absent=True, progress=progress)
+    if not created:
+        log.info("bundle %s was uploaded by another writer meanwhile", digest)
+    return created
+
+
+def push(
+    store: Store,
+    source: archive.Source,
+    *,
+    ref: str | None = None,
+    ref_extra: Mapping[str, Any] | None = None,
+    producer: Mapping[str, str] | None = None,
+    settings: Settings | None = None,
+    progress: Progress = NULL_PROGRESS,
+) -> PushResult:
+    """Pack ``source``, upload it under its digest, and optionally point ``ref`` at it."""
+    settings = settings or Settings.from_env()
+    if ref is not None:
+        layout.check_name(ref)
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
+        packed = archive.pack(source, spool, settings=settings, producer=producer)
+        spool.seek(0)
+        progress.start(total=packed.compressed_size)
+        try:
+            uploaded = upload(store, spool, packed.digest, packed.compressed_size, progress=progress)
+        finally:
+            progress.close()
+    written = None
+    if ref is not None:
+        written = refs.write_ref(
+            store, ref, packed.digest, packed.compressed_size,
+            producer=packed.manifest.producer, extra=ref_extra, settings=settings,
+        )
+    return PushResult(packed.digest, packed.compressed_size, uploaded, packed.manifest, written)
+
+
+def pull(
+    store: Store,
+    dest: Destination,
+    *,
+    digest: str | None = None,
+    ref: str | None = None,
+    settings: Settings | None = None,
+    rewrite: archive.Rewriter | None = None,
+    progress: Progress = NULL_PROGRESS,
+) -> PullResult:
+    """Stream a bundle from the store into ``dest``, verifying every byte against its digest."""
+    settings = settings or Settings.from_env()
+    digest, found = _resolve(store, digest, ref, settings)
+    progress.start(total=found.size if found else None)
+    try:
+        with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
+            man = archive.unpack(stream, dest, expected_digest=digest, settings=settings, rewrite=rewrite)
+    finally:
+        progress.close()
+    log.info("pulled bundle %s: %d files, %d bytes", digest, len(man.files), man.total_size)
+    return PullResult(digest, man, found)
+
+
+class _Tee:
+    """Copies everything read from ``stream`` into ``out``: export verifies while it saves."""
+
+    def __init__(self, stream: BinaryIO, out: BinaryIO) -> None:
+        self._stream, self._out = stream, out
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._out.write(data)
+        return data
+
+    def readinto(self, buffer) -> int:  # zstandard prefers readinto when present
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def export(
+    store: Store,
+    out: BinaryIO,
+    *,
+    digest: str | None = None,
+    ref: str | None = None,
+    settings: Settings | None = None,
+    progress: Progress = NULL_PROGRESS,
+) -> Manifest:
+    """Save a bundle to ``out`` for an offline transfer, verifying it on the way."""
+    settings = settings or Settings.from_env()
+    digest, found = _resolve(store, digest, ref, settings)
+    progress.start(total=found.size if found else None)
+    try:
+        with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
+            tee = _Tee(stream, out)
+            man = archive.verify(tee, expected_digest=digest, settings=settings)
+            while tee.read(_COPY_CHUNK):  # anything after the verified part (none, normally)
+                pass
+    finally:
+        progress.close()
+    return man
+
+
+def import_file(
+    store: Store,
+    path: str,
+    *,
+    ref: str | None = None,
+    settings: Settings | None = None,
+    progress: Progress = NULL_PROGRESS,
+) -> PushResult:
+    """Verify an offline bundle file completely, then upload it (and point ``ref`` at it)."""
+    settings = settings or Settings.from_env()
+    if ref is not None:
+        layout.check_name(ref)
+    with open(path, "rb") as f:
+        man = archive.verify(f, settings=settings)
+        size = f.seek(0, 2)
+        f.seek(0)
+        progress.start(total=size)
+        try:
+            uploaded = upload(store, f, man.digest, size, progress=progress)
+        finally:
+            progress.close()
+    written = None
+    if ref is not None:
+        written = refs.write_ref(store, ref, man.digest, size, producer=man.producer, settings=settings)
+    return PushResult(man.digest, size, uploaded, man, written)
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    refs: list[tuple[str, ObjectInfo]]
+    bundles: list[tuple[str, ObjectInfo]]
+
+
+def list_remote(store: Store) -> Listing:
+    """Refs and bundles in the store, each with its object's size and date."""
+    return Listing(
+        refs=list(_named(store.list(layout.REFS), layout.ref_name_from_key)),
+        bundles=list(_named(store.list(layout.BUNDLES), layout.digest_from_bundle_key)),
+    )
+
+
+def _named(infos: Iterator[ObjectInfo], name_of) -> Iterator[tuple[str, ObjectInfo]]:
+    for info in infos:
+        name = name_of(info.key)
+        if name is not None:
+            yield name, info

@@ -1,0 +1,99 @@
+"""Build bundles by hand, hostile ones included, and snapshot directories to prove nothing changed.
+
+Hostile bundles are written with the standard library's ``tarfile`` (which will happily write
+links, devices and ``..`` names) behind a manifest we control, then zstd-compressed, so each test
+states exactly which rule the bundle breaks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import zstandard
+
+from bundler.manifest import FORMAT_VERSION, MANIFEST_NAME
+
+
+def manifest_bytes(files: Mapping[str, bytes], producer: Mapping[str, str] | None = None) -> bytes:
+    doc = {
+        "format": FORMAT_VERSION,
+        "producer": dict(producer or {"bundler": "test"}),
+        "files": [
+            {"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in sorted(files.items())
+        ],
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def regular(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info, b""
+
+
+def tar_bytes(members: Iterable[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def craft(
+    members: Iterable[tuple[tarfile.TarInfo, bytes]],
+    manifest_files: Mapping[str, bytes],
+    *,
+    manifest: bytes | None = None,
+) -> tuple[bytes, str]:
+    """A zstd tar: our manifest for ``manifest_files`` first, then ``members`` as given.
+
+    Returns the bundle bytes and the manifest's digest (what an honest producer would call it).
+    """
+    man = manifest if manifest is not None else manifest_bytes(manifest_files)
+    body = tar_bytes([regular(MANIFEST_NAME, man), *members])
+    return zstd(body), hashlib.sha256(man).hexdigest()
+
+
+def honest(files: Mapping[str, bytes]) -> tuple[bytes, str]:
+    return craft([regular(n, d) for n, d in sorted(files.items())], files)
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Every path under ``root`` with its type and content, links not followed."""
+    state: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                state[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                state[rel] = ("dir",)
+            else:
+                state[rel] = ("file", path.read_bytes())
+    return state
+
+
+def write_tree(root: Path, files: Mapping[str, bytes]) -> None:
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)

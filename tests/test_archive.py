@@ -1,0 +1,207 @@
+"""The bundle format: round trips, determinism, interop with GNU tar, and unpack semantics."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bundler import archive
+from bundler.config import Settings
+from bundler.errors import BundleError, UnsafeMemberError
+from bundler.manifest import MANIFEST_NAME
+
+from bundles import snapshot, write_tree
+
+SETTINGS = Settings(zstd_threads=1)
+
+_segment = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-ÄéΩ", min_size=1, max_size=40).filter(
+    lambda s: s not in (".", "..") and s != MANIFEST_NAME
+)
+_paths = st.lists(_segment, min_size=1, max_size=4).map("/".join)
+_trees = st.dictionaries(_paths, st.binary(max_size=3000), min_size=0, max_size=25).filter(
+    # a path cannot be both a file and a folder
+    lambda tree: not any(a != b and b.startswith(a + "/") for a in tree for b in tree)
+)
+
+
+def pack_bytes(source, **kwargs) -> tuple[bytes, archive.PackResult]:
+    out = io.BytesIO()
+    result = archive.pack(source, out, settings=kwargs.pop("settings", SETTINGS), **kwargs)
+    return out.getvalue(), result
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=_trees)
+def test_round_trip_of_random_trees(tmp_path_factory, tree):
+    src = tmp_path_factory.mktemp("src")
+    dest = tmp_path_factory.mktemp("dest")
+    write_tree(src, tree)
+    data, result = pack_bytes(src)
+    man = archive.unpack(io.BytesIO(data), dest, expected_digest=result.digest, settings=SETTINGS)
+    assert man.digest == result.digest
+    assert {r.path: (dest / r.path).read_bytes() for r in man.files} == tree
+    assert snapshot(dest) == snapshot(src)
+
+
+def test_mapping_source_and_bytes_give_same_bundle_as_directory(tmp_path):
+    files = {"a/x.cubin": b"\x7fELF" + bytes(100), "b.json": b"{}"}
+    write_tree(tmp_path, files)
+    from_dir, r1 = pack_bytes(tmp_path)
+    from_map, r2 = pack_bytes({"b.json": tmp_path / "b.json", "a/x.cubin": files["a/x.cubin"]})
+    assert from_dir == from_map and r1.digest == r2.digest
+
+
+def test_output_ignores_mtimes_owners_modes_and_discovery_order(tmp_path):
+    files = {f"k{i}/f{j}.ptx": os.urandom(50) * j for i in range(5) for j in range(4)}
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_tree(a, files)
+    write_tree(b, dict(reversed(list(files.items()))))
+    for path in b.rglob("*"):
+        os.utime(path, (12345, 67890))
+        if path.is_file():
+            path.chmod(0o600)
+    assert pack_bytes(a)[0] == pack_bytes(b)[0]
+
+
+def test_same_bytes_in_another_process_with_other_thread_count(tmp_path):
+    write_tree(tmp_path / "src", {f"d{i}/file{i}.llir": (b"line %d\n" % i) * 5000 for i in range(30)})
+    here, result = pack_bytes(tmp_path / "src", settings=Settings(zstd_threads=2))
+    code = (
+        "import sys, io; from pathlib import Path; from bundler import archive; from bundler.config import Settings;"
+        "out = io.BytesIO(); archive.pack(Path(sys.argv[1]), out, settings=Settings(zstd_threads=1));"
+        "sys.stdout.buffer.write(out.getvalue())"
+    )
+    there = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "src")], capture_output=True, check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    ).stdout
+    assert there == here
+    assert len(result.digest) == 64
+
+
+def test_gnu_tar_lists_and_extracts_a_bundle(tmp_path):
+    if not shutil.which("tar") or subprocess.run(["tar", "--zstd", "--version"], capture_output=True).returncode:
+        pytest.fail("GNU tar with --zstd is required for the interop test (apt-get install tar zstd)")
+    files = {"a/b/c.cubin": os.urandom(3000), "long/" + "n" * 150 + "/x.json": b"{}", "ünï/côdé.ptx": b"ptx"}
+    write_tree(tmp_path / "src", files)
+    data, _ = pack_bytes(tmp_path / "src")
+    bundle = tmp_path / "b.tar.zst"
+    bundle.write_bytes(data)
+    listing = subprocess.run(["tar", "--zstd", "-tf", bundle], capture_output=True, check=True, text=True).stdout
+    assert listing.splitlines() == [MANIFEST_NAME, *sorted(files)]
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "--zstd", "-xf", bundle, "-C", out], check=True)
+    for name, content in files.items():
+        assert (out / name).read_bytes() == content
+
+
+def test_python_tarfile_reads_a_bundle(tmp_path):
+    files = {"x/" + "y" * 120 + ".bin": b"abc", "plain.txt": b"hello"}
+    data, _ = pack_bytes(files)
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        assert tar.getnames() == [MANIFEST_NAME, "plain.txt", "x/" + "y" * 120 + ".bin"]
+        assert tar.extractfile("plain.txt").read() == b"hello"
+
+
+def test_long_distance_matching_shrinks_far_apart_repeats():
+    """A kernel repeated inside a large pickle, as Inductor's FX-graph cache does."""
+    kernel = os.urandom(1 << 20)
+    # 6 MiB apart: beyond level 3's normal 2 MiB window, well inside the 128 MiB long window
+    files = {"triton/k.cubin": kernel, "inductor/graph.pkl": kernel + os.urandom(6 << 20)}
+    with_ldm, _ = pack_bytes(files)
+    without, _ = pack_bytes(files, settings=Settings(zstd_threads=1, long_window_log=0))
+    assert len(with_ldm) < len(without) - (900 << 10)
+
+
+def test_unpack_into_mapping_routes_by_first_component(tmp_path):
+    data, result = pack_bytes({"triton/ab/k.cubin": b"bin", "autotune/k.json": b"{}"})
+    roots = {"triton": tmp_path / "tc", "autotune": tmp_path / "at"}
+    archive.unpack(io.BytesIO(data), roots, expected_digest=result.digest, settings=SETTINGS)
+    assert (tmp_path / "tc/ab/k.cubin").read_bytes() == b"bin"
+    assert (tmp_path / "at/k.json").read_bytes() == b"{}"
+
+
+def test_unpack_into_mapping_rejects_unmapped_members(tmp_path):
+    data, _ = pack_bytes({"triton/k": b"1", "elsewhere/k": b"2"})
+    with pytest.raises(UnsafeMemberError, match="elsewhere/k"):
+        archive.unpack(io.BytesIO(data), {"triton": tmp_path / "tc"}, settings=SETTINGS)
+    assert not (tmp_path / "tc").exists() or snapshot(tmp_path / "tc") == {}
+
+
+def test_existing_identical_and_unrelated_files_are_kept(tmp_path):
+    files = {"k/a.json": b"A", "k/b.json": b"B"}
+    data, _ = pack_bytes(files)
+    dest = tmp_path / "dest"
+    write_tree(dest, {"k/a.json": b"A", "other/keep.txt": b"mine"})
+    archive.unpack(io.BytesIO(data), dest, settings=SETTINGS)
+    assert snapshot(dest) == {
+        "k": ("dir",), "other": ("dir",), "k/a.json": ("file", b"A"), "k/b.json": ("file", b"B"),
+        "other/keep.txt": ("file", b"mine"),
+    }
+
+
+class _Upper:
+    def wants(self, name: str) -> bool:
+        return name.endswith(".json")
+
+    def __call__(self, name: str, data: bytes, target: Path) -> bytes:
+        return data.upper() + str(target).encode()
+
+
+def test_rewriter_sees_verified_bytes_and_final_target(tmp_path):
+    data, _ = pack_bytes({"a.json": b"abc", "b.bin": b"abc"})
+    archive.unpack(io.BytesIO(data), tmp_path, settings=SETTINGS, rewrite=_Upper())
+    assert (tmp_path / "a.json").read_bytes() == b"ABC" + str(tmp_path / "a.json").encode()
+    assert (tmp_path / "b.bin").read_bytes() == b"abc"
+
+
+def test_pack_refuses_symlinks_in_the_source(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/real").write_bytes(b"x")
+    (tmp_path / "src/link").symlink_to(tmp_path / "src/real")
+    with pytest.raises(UnsafeMemberError, match="symbolic link"):
+        pack_bytes(tmp_path / "src")
+
+
+def test_pack_of_a_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(BundleError, match="not a directory"):
+        pack_bytes(tmp_path / "nope")
+
+
+def _unpack_worker(args):
+    data, dest = args
+    for _ in range(5):
+        archive.unpack(io.BytesIO(data), Path(dest), settings=SETTINGS)
+    return True
+
+
+def test_concurrent_unpacks_into_one_directory_all_succeed(tmp_path):
+    import multiprocessing
+
+    files = {f"k{i}/f{j}.bin": os.urandom(2000 + i * j) for i in range(20) for j in range(5)}
+    data, _ = pack_bytes(files)
+    dest = tmp_path / "dest"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        assert all(pool.map(_unpack_worker, [(data, str(dest))] * 4))
+    assert {p: (dest / p).read_bytes() for p in files} == files
+    assert not [p for p in dest.iterdir() if p.name.startswith(".bundler-staging-")]
+
+
+def test_verify_and_read_manifest_do_not_write(tmp_path):
+    data, result = pack_bytes({"a": b"1", "b/c": b"22"})
+    assert archive.verify(io.BytesIO(data), expected_digest=result.digest, settings=SETTINGS).digest == result.digest
+    man = archive.read_manifest(io.BytesIO(data), settings=SETTINGS)
+    assert [(r.path, r.size) for r in man.files] == [("a", 1), ("b/c", 2)]

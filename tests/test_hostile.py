@@ -1,0 +1,195 @@
+"""Hostile and broken bundles: each is rejected with the right error and changes nothing.
+
+Every case unpacks into ``tmp/dest`` next to ``tmp/outside``; afterwards the whole tmp tree must
+be exactly as before: no file written outside, no partial file inside, no staging left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from bundler import archive
+from bundler.config import Settings
+from bundler.errors import (
+    BundleError,
+    IntegrityError,
+    LimitExceededError,
+    ManifestError,
+    NotABundleError,
+    UnsafeMemberError,
+)
+from bundles import craft, honest, manifest_bytes, regular, snapshot, special, tar_bytes, write_tree, zstd
+
+SETTINGS = Settings(zstd_threads=1)
+GOOD = {"k/a.cubin": b"\x7fELF" * 100, "k/b.json": b'{"num_warps": 4}', "z/last.ptx": b".version 8.0"}
+
+
+@pytest.fixture
+def area(tmp_path: Path) -> Path:
+    write_tree(tmp_path / "dest", {"k/existing.txt": b"keep me"})
+    write_tree(tmp_path / "outside", {"precious.txt": b"do not touch"})
+    return tmp_path
+
+
+def rejects(area: Path, data: bytes, error: type[BundleError], match: str, **kwargs) -> BundleError:
+    before = snapshot(area)
+    with pytest.raises(error, match=match or None) as info:
+        archive.unpack(io.BytesIO(data), area / "dest", settings=kwargs.pop("settings", SETTINGS), **kwargs)
+    assert snapshot(area) == before
+    return info.value
+
+
+def test_honest_bundle_from_helpers_unpacks(area):
+    data, digest = honest(GOOD)
+    archive.unpack(io.BytesIO(data), area / "dest", expected_digest=digest, settings=SETTINGS)
+    assert (area / "dest/z/last.ptx").read_bytes() == GOOD["z/last.ptx"]
+
+
+@pytest.mark.parametrize(
+    "name, rule",
+    [("/etc/passwd", "absolute"), ("../outside/precious.txt", "'..'"), ("k/../../outside/x", "'..'"),
+     ("k/./a", "'.'"), ("k//a", "empty"), ("k\\..\\a", "backslash")],
+)
+def test_escaping_names_are_rejected_in_manifest_and_tar(area, name, rule):
+    files = {**GOOD, name: b"evil"}
+    rejects(area, craft([regular(n, d) for n, d in sorted(files.items())], files)[0], UnsafeMemberError, rule)
+    # the same member smuggled into the tar only, behind an honest manifest
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    rejects(area, craft([members[0], regular(name, b"evil"), *members[1:]], GOOD)[0], UnsafeMemberError, "")
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [(tarfile.SYMTYPE, "symbolic link"), (tarfile.LNKTYPE, "hard link"), (tarfile.CHRTYPE, "character device"),
+     (tarfile.BLKTYPE, "block device"), (tarfile.FIFOTYPE, "FIFO"), (tarfile.DIRTYPE, "directory")],
+)
+def test_non_regular_members_are_rejected(area, kind, words):
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    evil = special("k/a.cubin", kind, linkname="../../outside/precious.txt")
+    err = rejects(area, craft([evil, *members[1:]], GOOD)[0], UnsafeMemberError, words)
+    assert "k/a.cubin" in str(err)
+
+
+def test_duplicate_member_is_rejected(area):
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    rejects(area, craft([members[0], members[0], *members[1:]], GOOD)[0], UnsafeMemberError, "twice|order")
+
+
+def test_member_not_in_manifest_is_rejected(area):
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    data = craft([*members[:2], regular("k/extra.so", b"x"), members[2]], GOOD)[0]
+    rejects(area, data, UnsafeMemberError, "k/extra.so.*not in the manifest")
+    data = craft([*members, regular("zz/trailing", b"x")], GOOD)[0]
+    rejects(area, data, UnsafeMemberError, "zz/trailing.*not in the manifest")
+
+
+def test_member_missing_from_bundle_is_rejected(area):
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    rejects(area, craft(members[:2], GOOD)[0], IntegrityError, "z/last.ptx.*missing")
+
+
+def test_size_mismatch_is_rejected(area):
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    members[2] = regular("z/last.ptx", GOOD["z/last.ptx"] + b"!")
+    rejects(area, craft(members, GOOD)[0], IntegrityError, "z/last.ptx.*bytes")
+
+
+def test_hash_mismatch_in_last_member_leaves_nothing_visible(area):
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    members[2] = regular("z/last.ptx", b"X" * len(GOOD["z/last.ptx"]))
+    rejects(area, craft(members, GOOD)[0], IntegrityError, "z/last.ptx.*sha256")
+
+
+def test_requested_digest_must_match(area):
+    data, digest = honest(GOOD)
+    other = "0" * 64
+    rejects(area, data, IntegrityError, other, expected_digest=other)
+
+
+def test_missing_manifest_is_rejected(area):
+    data = zstd(tar_bytes([regular(n, d) for n, d in sorted(GOOD.items())]))
+    rejects(area, data, ManifestError, "first member must be MANIFEST.json")
+
+
+@pytest.mark.parametrize(
+    "manifest, words",
+    [(b"{not json", "not valid JSON"), (b"[]", "JSON object"), (b'{"format": 99, "files": []}', "format 99"),
+     (b'{"format": 1, "files": [{"path": "a"}]}', "malformed"),
+     (b'{"format": 1, "files": [{"path": "a", "size": -1, "sha256": "' + b"0" * 64 + b'"}]}', "malformed")],
+)
+def test_malformed_manifest_is_rejected(area, manifest, words):
+    rejects(area, craft([], {}, manifest=manifest)[0], ManifestError, words)
+
+
+def test_unsorted_manifest_is_rejected(area):
+    good = manifest_bytes(GOOD).replace(b'"k/a.cubin"', b'"zz/a.cubin"')
+    rejects(area, craft([], {}, manifest=good)[0], ManifestError, "sorted")
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.6, 0.9, 0.99])
+def test_truncated_stream_is_rejected(area, fraction):
+    files = {f"k/{i}.bin": bytes([i]) * 5000 + bytes(range(256)) * i for i in range(40)}
+    data, _ = honest(files)
+    rejects(area, data[: int(len(data) * fraction)], BundleError, "")
+
+
+def test_data_that_is_not_zstd_is_rejected(area):
+    rejects(area, b"PK\x03\x04 this is a zip, not a bundle" * 20, NotABundleError, "zstd")
+
+
+def test_zstd_that_is_not_tar_is_rejected(area):
+    rejects(area, zstd(b"just some text, not a tar archive " * 100), NotABundleError, "not a bundle")
+
+
+def test_empty_input_is_rejected(area):
+    rejects(area, b"", NotABundleError, "truncated")
+
+
+def test_data_after_the_archive_is_rejected(area):
+    data, _ = honest(GOOD)
+    rejects(area, data + zstd(b"appended payload"), NotABundleError, "after the end")
+
+
+def test_member_limit_is_enforced_before_writing(area):
+    data, _ = honest(GOOD)
+    rejects(area, data, LimitExceededError, "3 members", settings=Settings(max_members=2))
+
+
+def test_size_limit_is_enforced_before_writing(area):
+    data, _ = honest({"big.bin": bytes(1 << 20)})
+    rejects(area, data, LimitExceededError, "over the limit", settings=Settings(max_bundle_bytes=1 << 19))
+
+
+def test_frame_demanding_a_huge_window_is_rejected(area):
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=30)
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False) as w:
+        w.write(tar_bytes([regular("MANIFEST.json", manifest_bytes({}))]))  # size unknown: window stays 1 GiB
+    rejects(area, out.getvalue(), NotABundleError, "zstd")
+
+
+def test_existing_symlink_in_destination_cannot_redirect_writes(area):
+    (area / "dest/k").rename(area / "dest/k-real")
+    (area / "dest/k").symlink_to(area / "outside", target_is_directory=True)
+    data, _ = honest(GOOD)
+    rejects(area, data, UnsafeMemberError, "outside")
+
+
+def test_symlink_inside_destination_that_stays_inside_is_allowed(area):
+    (area / "dest/real").mkdir()
+    (area / "dest/k").rename(area / "dest/k-old")
+    (area / "dest/k").symlink_to(area / "dest/real", target_is_directory=True)
+    data, _ = honest(GOOD)
+    archive.unpack(io.BytesIO(data), area / "dest", settings=SETTINGS)
+    assert (area / "dest/real/a.cubin").read_bytes() == GOOD["k/a.cubin"]
+
+
+def test_directory_where_a_file_goes_is_rejected(area):
+    (area / "dest/z/last.ptx").mkdir(parents=True)
+    data, _ = honest(GOOD)
+    rejects(area, data, UnsafeMemberError, "directory")
