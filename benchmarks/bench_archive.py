@@ -1,0 +1,86 @@
+"""Pack and unpack: ``bundler`` against ``tar | zstd -T0 -3`` and ``zstd -dc | tar -x``.
+
+Whole commands, interpreter start included, destinations on tmpfs, each timed as the median of
+several runs in the same process run, so the ratio compares like with like. Ratio > 1 means
+bundler is faster. Usage: ``python benchmarks/bench_archive.py [--repeat N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus import extract_fixture, make_corpus  # noqa: E402
+from harness import BUNDLER, cleanup, row, scratch, shell, timed  # noqa: E402
+
+
+def corpora() -> dict[str, Path]:
+    found = {}
+    synthetic = scratch("synthetic")
+    files, size = make_corpus(synthetic)
+    found[f"synthetic ({files} files, {size / 1e6:.0f} MB)"] = synthetic
+    for name in ("default_caches.tar.gz", "triton_autotune_caches.tar.gz"):
+        try:
+            root = extract_fixture(name, scratch(name.split(".")[0]))
+        except FileNotFoundError:
+            continue
+        found[f"real H200 {name.split('.')[0]}"] = root
+    return found
+
+
+def du(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def bench(label: str, src: Path, repeat: int) -> list[str]:
+    work = scratch("work")
+    ours_file, theirs_file = work / "ours.tar.zst", work / "theirs.tar.zst"
+    dest = work / "dest"
+    nfiles, nbytes = du(src)
+    mb = nbytes / 1e6
+
+    pack_ours = timed(lambda: subprocess.run([*BUNDLER, "pack", str(src), "-o", str(ours_file)], check=True,
+                                             stdout=subprocess.DEVNULL), repeat=repeat)
+    pack_theirs = timed(lambda: shell(f"tar -C {src} -cf - . | zstd -q -T0 -3 > {theirs_file}"), repeat=repeat)
+
+    def fresh_dest() -> None:
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()
+
+    unpack_ours = timed(lambda: subprocess.run([*BUNDLER, "unpack", str(ours_file), "--into", str(dest)],
+                                               check=True, stdout=subprocess.DEVNULL), fresh_dest, repeat)
+    unpack_theirs = timed(lambda: shell(f"zstd -q -dc {theirs_file} | tar -C {dest} -xf -"), fresh_dest, repeat)
+    sizes = f"{ours_file.stat().st_size / 1e6:.2f} MB vs {theirs_file.stat().st_size / 1e6:.2f} MB"
+    return [
+        f"{label}: {nfiles} files, {mb:.1f} MB; compressed ours {sizes} "
+        f"({theirs_file.stat().st_size / ours_file.stat().st_size:.2f}x smaller)",
+        "  " + row("pack   vs tar | zstd -T0 -3", pack_ours, pack_theirs, mb),
+        "  " + row("unpack vs zstd -dc | tar -x", unpack_ours, unpack_theirs, mb),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args()
+    for tool in ("tar", "zstd"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is needed for the baseline; install it (apt-get install {tool})")
+    print(f"machine: {os.cpu_count()} cores, scratch on tmpfs; median of {args.repeat} runs")
+    try:
+        for label, src in corpora().items():
+            for line in bench(label, src, args.repeat):
+                print(line, flush=True)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The local CLI contract: stdout carries only the result, stderr one clear line, stable exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bundles import honest, write_tree
+
+FILES = {"k1/kern.cubin": os.urandom(5000), "k1/kern.json": b'{"num_warps": 8}', "k2/x.ptx": b".version 8.4\n" * 50}
+
+
+def bundler(*args: str, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bundler.cli", *args], input=stdin, capture_output=True,
+        env={**os.environ, **(env or {})}, timeout=120,
+    )
+
+
+@pytest.fixture
+def packed(tmp_path: Path) -> tuple[Path, str]:
+    write_tree(tmp_path / "src", FILES)
+    out = tmp_path / "b.tar.zst"
+    result = bundler("pack", str(tmp_path / "src"), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    digest = result.stdout.decode().strip()
+    return out, digest
+
+
+def test_pack_prints_only_the_digest(packed):
+    out, digest = packed
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert out.stat().st_size > 0
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".part")]
+
+
+def test_unpack_verify_inspect_round_trip(packed, tmp_path):
+    out, digest = packed
+    result = bundler("unpack", str(out), "--into", str(tmp_path / "dest"), "--digest", digest)
+    assert result.returncode == 0, result.stderr
+    assert {n: (tmp_path / "dest" / n).read_bytes() for n in FILES} == FILES
+    result = bundler("verify", str(out), "--digest", digest)
+    assert result.returncode == 0 and result.stdout.decode().startswith(f"ok {digest} 3 files")
+    result = bundler("inspect", str(out), "--json")
+    doc = json.loads(result.stdout)
+    assert doc["digest"] == digest and doc["files"] == 3
+    assert [f["path"] for f in doc["file_list"]] == sorted(FILES)
+    assert doc["producer"]["bundler"]
+    text = bundler("inspect", str(out)).stdout.decode()
+    assert f"digest:     {digest}" in text and "files:      3" in text
+
+
+def test_unpack_from_stdin(packed, tmp_path):
+    out, digest = packed
+    result = bundler("unpack", "-", "--into", str(tmp_path / "d2"), stdin=out.read_bytes())
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "d2/k2/x.ptx").read_bytes() == FILES["k2/x.ptx"]
+
+
+def test_missing_file_exits_3(tmp_path):
+    result = bundler("unpack", str(tmp_path / "nope.tar.zst"), "--into", str(tmp_path / "d"))
+    assert result.returncode == 3
+    assert b"nope.tar.zst" in result.stderr and result.stderr.count(b"\n") == 1
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert bundler("unpack", "x").returncode == 2
+    assert bundler("verify", "x", "--digest", "not-hex").returncode == 2
+    assert bundler("frobnicate").returncode == 2
+
+
+def test_bad_setting_exits_2_naming_the_variable(packed):
+    out, _ = packed
+    result = bundler("verify", str(out), env={"BUNDLER_MAX_MEMBERS": "lots"})
+    assert result.returncode == 2 and b"BUNDLER_MAX_MEMBERS" in result.stderr
+
+
+def test_integrity_failure_exits_4_and_writes_nothing(packed, tmp_path):
+    out, digest = packed
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    result = bundler("unpack", str(out), "--into", str(tmp_path / "dest"), "--digest", wrong)
+    assert result.returncode == 4 and wrong.encode() in result.stderr
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())
+    hostile = tmp_path / "h.tar.zst"
+    hostile.write_bytes(honest({"a": b"1"})[0][:-20])
+    assert bundler("verify", str(hostile)).returncode == 4
+
+
+def test_local_commands_do_not_import_boto3(packed, tmp_path):
+    out, _ = packed
+    code = (
+        "import sys; from bundler.cli import main; rc = main(sys.argv[1:]);"
+        "assert 'boto3' not in sys.modules and 'botocore' not in sys.modules, 'boto imported'; sys.exit(rc)"
+    )
+    for args in (["unpack", str(out), "--into", str(tmp_path / "x")], ["verify", str(out)], ["inspect", str(out)]):
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=60)
+        assert result.returncode == 0, result.stderr
