@@ -1,0 +1,156 @@
+"""push / pull / export / import over every store backend: the round trips users rely on."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bundler import refs, transfer
+from bundler.config import Settings
+from bundler.errors import (
+    BundleError,
+    ConfigError,
+    IntegrityError,
+    NotFoundError,
+    SignatureError,
+    StoreError,
+)
+from bundler.stores import layout, open_store
+from bundles import honest, snapshot, write_tree
+from fault_proxy import Fault, FaultProxy
+
+FILES = {f"k{i}/kernel.cubin": os.urandom(30_000 + i) for i in range(12)} | {"k0/kernel.json": b'{"num_warps": 4}'}
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    write_tree(tmp_path / "src", FILES)
+    return tmp_path / "src"
+
+
+def test_push_then_pull_round_trip(store, src, tmp_path, small_settings):
+    pushed = transfer.push(store, src, ref="team/model-a", settings=small_settings)
+    assert pushed.uploaded and store.exists(layout.bundle_key(pushed.digest))
+    by_ref = transfer.pull(store, tmp_path / "a", ref="team/model-a", settings=small_settings)
+    by_digest = transfer.pull(store, tmp_path / "b", digest=pushed.digest, settings=small_settings)
+    assert by_ref.digest == by_digest.digest == pushed.digest
+    assert by_ref.ref is not None and by_ref.ref.size == pushed.size
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b") == snapshot(src)
+
+
+def test_second_push_skips_the_upload_and_moves_the_ref(store, src, small_settings):
+    first = transfer.push(store, src, ref="r1", settings=small_settings)
+    again = transfer.push(store, src, ref="r2", settings=small_settings)
+    assert first.digest == again.digest and first.uploaded and not again.uploaded
+    assert refs.read_ref(store, "r2", small_settings).digest == first.digest
+    listing = transfer.list_remote(store)
+    assert [name for name, _ in listing.refs] == ["r1", "r2"]
+    assert [(d, info.size) for d, info in listing.bundles] == [(first.digest, first.size)]
+
+
+def test_pull_misses_raise_not_found(store, tmp_path, small_settings):
+    with pytest.raises(NotFoundError):
+        transfer.pull(store, tmp_path / "d", ref="never-pushed", settings=small_settings)
+    with pytest.raises(NotFoundError):
+        transfer.pull(store, tmp_path / "d", digest="ab" * 32, settings=small_settings)
+    assert not (tmp_path / "d").exists()
+
+
+def test_corrupt_object_in_the_store_is_rejected_and_nothing_unpacked(store, src, tmp_path, small_settings):
+    pushed = transfer.push(store, src, settings=small_settings)
+    other, _ = honest({"k0/kernel.json": b"{}"})
+    store.write_bytes(layout.bundle_key(pushed.digest), other)  # replaced behind our back
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(IntegrityError, match=pushed.digest):
+        transfer.pull(store, tmp_path / "dest", digest=pushed.digest, settings=small_settings)
+    assert snapshot(tmp_path / "dest") == {}
+
+
+def test_export_then_import_into_another_store(store, src, tmp_path, small_settings):
+    pushed = transfer.push(store, src, ref="prod", settings=small_settings)
+    out = io.BytesIO()
+    man = transfer.export(store, out, ref="prod", settings=small_settings)
+    assert man.digest == pushed.digest and len(out.getvalue()) == pushed.size
+    offline = tmp_path / "offline.tar.zst"
+    offline.write_bytes(out.getvalue())
+    mirror = open_store((tmp_path / "mirror").as_uri(), small_settings)
+    imported = transfer.import_file(mirror, str(offline), ref="prod", settings=small_settings)
+    assert imported.digest == pushed.digest and imported.uploaded
+    assert mirror.read_bytes(layout.bundle_key(pushed.digest)) == out.getvalue()
+    transfer.pull(mirror, tmp_path / "air-gapped", ref="prod", settings=small_settings)
+    assert snapshot(tmp_path / "air-gapped") == snapshot(src)
+
+
+def test_import_of_a_corrupt_file_uploads_nothing(store, tmp_path, small_settings):
+    data, _ = honest({"a": b"x" * 1000})
+    bad = tmp_path / "bad.tar.zst"
+    bad.write_bytes(data[:-30])
+    with pytest.raises(BundleError):
+        transfer.import_file(store, str(bad), ref="bad", settings=small_settings)
+    assert list(store.list("")) == []
+
+
+def test_signed_refs_are_enforced_when_a_key_is_set(store, src, small_settings):
+    signer = small_settings.replace(signing_key="s3cret")
+    transfer.push(store, src, ref="signed", settings=signer)
+    transfer.push(store, src, ref="unsigned", settings=small_settings)
+    assert refs.read_ref(store, "signed", signer).signature.startswith("hmac-sha256:")
+    assert refs.read_ref(store, "unsigned", small_settings).signature is None
+    with pytest.raises(SignatureError, match="unsigned"):
+        refs.read_ref(store, "unsigned", signer)
+    with pytest.raises(SignatureError, match="wrong signature"):
+        refs.read_ref(store, "signed", small_settings.replace(signing_key="other"))
+    doc = json.loads(store.read_bytes(layout.ref_key("signed")))
+    doc["digest"] = "0" * 64  # point the ref at another bundle, keep the old signature
+    store.write_bytes(layout.ref_key("signed"), json.dumps(doc).encode())
+    with pytest.raises(SignatureError, match="wrong signature"):
+        refs.read_ref(store, "signed", signer)
+
+
+def test_ref_copied_under_another_name_is_rejected(store, src, small_settings):
+    transfer.push(store, src, ref="a", settings=small_settings)
+    store.write_bytes(layout.ref_key("b"), store.read_bytes(layout.ref_key("a")))
+    with pytest.raises(SignatureError, match="copied"):
+        refs.read_ref(store, "b", small_settings)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs", "a/../../b", "", "white space"])
+def test_bad_ref_names_are_refused_before_any_request(store, src, name, small_settings):
+    with pytest.raises(ConfigError):
+        transfer.push(store, src, ref=name, settings=small_settings)
+    assert list(store.list("")) == []
+
+
+def test_download_that_keeps_breaking_leaves_nothing_in_dest(moto_endpoint, s3_bucket, src, tmp_path, small_settings):
+    url = f"s3://{s3_bucket}/p?endpoint={moto_endpoint}&addressing=path"
+    pushed = transfer.push(open_store(url, small_settings), src, settings=small_settings)
+    proxy = FaultProxy(moto_endpoint)
+    try:
+        proxy.add(Fault(when=lambda seen: seen.method == "GET" and "bundles" in seen.path, times=None,
+                        cut_after=5000, reset=True))
+        store = open_store(f"s3://{s3_bucket}/p?endpoint={proxy.url}&addressing=path", small_settings)
+        (tmp_path / "dest").mkdir()
+        with pytest.raises((StoreError, BundleError)):
+            transfer.pull(store, tmp_path / "dest", digest=pushed.digest, settings=small_settings)
+        assert snapshot(tmp_path / "dest") == {}
+    finally:
+        proxy.close()
+
+
+def test_download_broken_once_is_resumed_and_verified(moto_endpoint, s3_bucket, src, tmp_path):
+    settings = Settings(max_attempts=3, connect_timeout=2, read_timeout=5)  # one stream, no ranges
+    url = f"s3://{s3_bucket}/p?endpoint={moto_endpoint}&addressing=path"
+    pushed = transfer.push(open_store(url, settings), src, settings=settings)
+    proxy = FaultProxy(moto_endpoint)
+    try:
+        proxy.add(Fault(when=lambda seen: seen.method == "GET" and "bundles" in seen.path, times=1,
+                        cut_after=pushed.size // 2, reset=True))
+        store = open_store(f"s3://{s3_bucket}/p?endpoint={proxy.url}&addressing=path", settings)
+        transfer.pull(store, tmp_path / "dest", digest=pushed.digest, settings=settings)
+        assert snapshot(tmp_path / "dest") == snapshot(src)
+    finally:
+        proxy.close()
