@@ -23,6 +23,7 @@ from bundler.errors import (
     NotABundleError,
     UnsafeMemberError,
 )
+
 from bundles import craft, honest, manifest_bytes, regular, snapshot, special, tar_bytes, write_tree, zstd
 
 SETTINGS = Settings(zstd_threads=1)

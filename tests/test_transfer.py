@@ -20,6 +20,7 @@ from bundler.errors import (
     StoreError,
 )
 from bundler.stores import layout, open_store
+
 from bundles import honest, snapshot, write_tree
 from fault_proxy import Fault, FaultProxy
 

@@ -1,0 +1,382 @@
+"""Per-kernel best-config cache: one small JSON record per kernel, on local disk and in the store.
+
+The shape follows PyTorch Inductor's ``AutotuneCache`` (``torch/_inductor/runtime/autotune_cache.py``)
+so code written against it ports directly: ``create(meta, filename, configs_hash)`` returns None
+when no cache is usable, ``read_best(configs)`` looks in the most local cache first, ``save(...)``
+writes the winner. Differences, and why:
+
+* The key mixes the kernel file's basename, the kernel facts in ``meta`` (JSON, all of it), the
+  user tag and :func:`bundler.keys.version_salt` (Triton version, backend hash, format version),
+  so an upgrade or a move to another GPU misses instead of loading a stale winner. Inductor's
+  filename is already a content hash; for hand-written kernels the Triton integration puts the
+  kernel name, its comment-blind source hash and the tuning key into ``meta``.
+* The configs hash is *not* in the key but checked inside the record, as Inductor does, so a
+  changed config list is a miss that says so in the log instead of a silent new key.
+* Config kwargs are stored under their own ``"kwargs"`` key, so a kernel parameter called
+  ``num_warps`` cannot be confused with the launch option.
+* The remote side is best effort: a store error is one logged warning and a miss, and it turns the
+  remote off for the rest of the process, so a dead endpoint costs one timeout, not one per kernel.
+
+Local records live in ``<cache_dir>/autotune/<key>.json`` (written to a temp file and renamed into
+place), remote ones under ``v1/autotune/<key>.json``. Every record saved or hit is also recorded
+in-process (``bundler.recording``) so compile sessions and ``save_artifacts()`` can ship it.
+
+This module never imports Triton: configs are duck-typed, and a reconstructed config is made
+with the class of the candidates the caller passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bundler import keys, recording
+from bundler.config import Settings
+from bundler.errors import NotFoundError
+from bundler.stores import layout
+
+log = logging.getLogger(__name__)
+
+RECORD_FORMAT = "kernel-bundler/autotune"
+RECORD_VERSION = 1
+
+# Config attributes that are never part of a record: the kwargs travel separately, and a
+# pre_hook is code that cannot be serialised (a config with one is matched by the rest).
+_NOT_FIELDS = {"self", "kwargs", "pre_hook"}
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for like-for-like comparison."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    """A Triton ``Config``'s launch options, read from its constructor's parameters.
+
+    Reading the signature instead of naming fields keeps records complete across Triton versions:
+    3.6 and 3.9 have ``num_warps, num_stages, num_ctas, maxnreg, ir_override``; 3.2-3.3 also had the
+    warp-specialisation fields (``num_buffers_warp_spec``, ``num_consumer_groups``,
+    ``reg_dec_producer``, ``reg_inc_consumer``), which are then stored and matched the same way.
+    """
+    names = [n for n in inspect.signature(type(config).__init__).parameters if n not in _NOT_FIELDS]
+    return {name: _jsonable(getattr(config, name)) for name in names if hasattr(config, name)}
+
+
+def configs_hash(configs: Sequence[Any]) -> str:
+    """Hash of a candidate list: any change to it makes stored winners a (reported) miss."""
+    described = [
+        {
+            "kwargs": _jsonable(cfg.kwargs),
+            "fields": config_fields(cfg),
+            "pre_hook": getattr(getattr(cfg, "pre_hook", None), "__qualname__", None),
+        }
+        for cfg in configs
+    ]
+    return keys.hash_parts("configs-v1", keys.canonical_json(described))
+
+
+def _matches(config: Any, record: Mapping[str, Any]) -> bool:
+    if _jsonable(config.kwargs) != record.get("kwargs"):
+        return False
+    fields = config_fields(config)
+    return all(fields[name] == value for name, value in record.get("fields", {}).items() if name in fields)
+
+
+def _rebuild(config_type: type, record: Mapping[str, Any]) -> Any:
+    """A new config of ``config_type`` from a record, keeping only options this Triton knows."""
+    accepted = inspect.signature(config_type.__init__).parameters
+    options = {k: v for k, v in record.get("fields", {}).items() if k in accepted}
+    config = config_type(dict(record["kwargs"]), **options)
+    config.found_by_coordesc = True
+    return config
+
+
+# --- process-wide statistics -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AutotuneStats:
+    """Counters for one process: what the cache saved, for logs and the demo's summary."""
+
+    hits: int = 0
+    misses: int = 0
+    saves: int = 0
+    time_saved_ns: int = 0
+
+
+_stats = AutotuneStats()
+_stats_lock = threading.Lock()
+
+
+def stats() -> AutotuneStats:
+    """A snapshot of this process's autotune cache counters."""
+    with _stats_lock:
+        return dataclasses.replace(_stats)
+
+
+def _count(**deltas: int) -> None:
+    with _stats_lock:
+        for name, delta in deltas.items():
+            setattr(_stats, name, getattr(_stats, name) + delta)
+
+
+# --- the remote side ---------------------------------------------------------------------------------
+
+_broken_remotes: set[str] = set()
+
+
+@functools.lru_cache(maxsize=8)
+def shared_store(settings: Settings) -> Any:
+    """The store of ``settings.remote``, opened once per process (an S3 client costs tens of ms).
+
+    Shared by every AutotuneCache and compile session; forgotten in forked children.
+    """
+    from bundler.stores import open_store
+
+    return open_store(settings.remote, settings)
+
+
+def _forget_stores() -> None:
+    shared_store.cache_clear()
+
+
+# A forked worker must not share the parent's HTTP connection pool.
+os.register_at_fork(after_in_child=_forget_stores)
+
+
+def remote_usable(settings: Settings) -> bool:
+    """False once a store error was seen for ``settings.remote`` in this process."""
+    return bool(settings.remote) and settings.remote not in _broken_remotes
+
+
+def remote_failed(settings: Settings, action: str, key: str, exc: BaseException) -> None:
+    """Log a store failure once and stop using that remote for per-kernel lookups.
+
+    A circuit breaker: without it, a dead endpoint would cost one full timeout per kernel.
+    """
+    if settings.remote not in _broken_remotes:
+        log.warning(
+            "could not %s %s in %s (%s: %s); per-kernel remote caching is off for the rest of this "
+            "process and kernels are tuned and compiled as if it were empty",
+            action, key, settings.remote, type(exc).__name__, exc,
+        )
+    _broken_remotes.add(str(settings.remote))
+
+
+# --- the cache ---------------------------------------------------------------------------------------
+
+
+class AutotuneCache:
+    """Local and remote best-config lookups for one kernel (one tuning key of one kernel)."""
+
+    def __init__(self, key: str, configs_hash: str, settings: Settings) -> None:
+        self.key = layout.check_name(key, "autotune key")
+        self.configs_hash = configs_hash
+        self.settings = settings
+
+    # creation ------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        meta: Mapping[str, Any],
+        filename: str,
+        configs_hash: str,
+        *,
+        settings: Settings | None = None,
+    ) -> AutotuneCache | None:
+        """The cache for one kernel, or None when neither the local nor the remote side is usable.
+
+        ``meta``: JSON-able facts that identify the kernel beyond its file (all of them go into the
+        key). ``filename``: the kernel's source file; only its basename is used, so the same
+        kernel hits from any checkout path.
+        """
+        settings = settings if settings is not None else Settings.from_env()
+        cache = cls(cls.make_key(meta, filename, settings), configs_hash, settings)
+        return cache if cache.local_enabled or cache.remote_enabled else None
+
+    @staticmethod
+    def make_key(meta: Mapping[str, Any], filename: str, settings: Settings) -> str:
+        return keys.hash_parts(
+            "autotune-key-v1",
+            os.path.basename(filename),
+            keys.canonical_json(dict(meta)),
+            keys.version_salt(settings.tag),
+        )
+
+    @property
+    def local_enabled(self) -> bool:
+        return self.settings.local_cache
+
+    @property
+    def remote_enabled(self) -> bool:
+        return bool(self.settings.remote_autotune and self.settings.remote)
+
+    @property
+    def member_name(self) -> str:
+        """The record's name inside bundles and artifacts."""
+        return f"{recording.AUTOTUNE_ROOT}/{self.key}.json"
+
+    @property
+    def local_path(self) -> Path:
+        return recording.autotune_dir(self.settings) / f"{self.key}.json"
+
+    # reading -------------------------------------------------------------------------------------
+
+    def read_best(self, configs: Sequence[Any]) -> Any | None:
+        """The stored winner as one of ``configs`` (or a rebuilt coordinate-descent config), or None.
+
+        A record made for another candidate list, or one that matches no candidate or several,
+        is a miss: tuning again is always safe, loading the wrong config is not.
+        """
+        record = self._read()
+        best = self._select(record, configs) if record is not None else None
+        if best is None:
+            _count(misses=1)
+            return None
+        _count(hits=1, time_saved_ns=int(record.get("time_taken_ns") or 0))  # type: ignore[union-attr]
+        return best
+
+    def _select(self, record: Mapping[str, Any], configs: Sequence[Any]) -> Any | None:
+        if record.get("configs_hash") != self.configs_hash:
+            log.info("autotune cache %s: the candidate configs changed since it was tuned; tuning again",
+                     self.key[:12])
+            return None
+        if not configs:
+            return None
+        if record.get("found_by_coordesc"):
+            return _rebuild(type(configs[0]), record)
+        matching = [cfg for cfg in configs if _matches(cfg, record)]
+        if len(matching) != 1:
+            log.info("autotune cache %s: stored config matches %d candidates, not 1; tuning again",
+                     self.key[:12], len(matching))
+            return None
+        return matching[0]
+
+    def _read(self) -> dict[str, Any] | None:
+        """The most local record: local file, else the store (then copied to the local file)."""
+        recording.wait_for_pending()
+        if self.local_enabled:
+            data = self._read_local()
+            if data is not None:
+                record = _parse(data, self.local_path)
+                if record is not None:
+                    recording.record(self.member_name, data)
+                    return record
+        if self.remote_enabled:
+            data = self._read_remote()
+            if data is not None:
+                record = _parse(data, self.settings.remote)
+                if record is not None:
+                    recording.record(self.member_name, data)
+                    if self.local_enabled:
+                        self._write_local(data)
+                    return record
+        return None
+
+    def _read_local(self) -> bytes | None:
+        try:
+            return self.local_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("autotune cache: cannot read %s (%s); treating it as a miss", self.local_path, exc)
+            return None
+
+    def _read_remote(self) -> bytes | None:
+        if not remote_usable(self.settings):
+            return None
+        key = layout.autotune_key(self.key)
+        try:
+            return shared_store(self.settings).read_bytes(key)
+        except NotFoundError:
+            return None
+        except Exception as exc:  # the cache is an accelerator: no store failure reaches the job
+            remote_failed(self.settings, "read", key, exc)
+            return None
+
+    # writing -------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        config: Any,
+        time_taken_ns: int,
+        found_by_coordesc: bool = False,
+        triton_cache_hash: str | None = None,
+    ) -> None:
+        """Store ``config`` as this kernel's winner, locally and remotely; never raises on I/O."""
+        record = {
+            "format": RECORD_FORMAT,
+            "version": RECORD_VERSION,
+            "kwargs": _jsonable(config.kwargs),
+            "fields": config_fields(config),
+            "configs_hash": self.configs_hash,
+            "found_by_coordesc": bool(found_by_coordesc),
+            "time_taken_ns": int(time_taken_ns),
+            "triton_cache_hash": triton_cache_hash,
+        }
+        data = json.dumps(record, sort_keys=True, indent=1).encode("utf-8")
+        recording.record(self.member_name, data)
+        _count(saves=1)
+        if self.local_enabled:
+            self._write_local(data)
+        if self.remote_enabled and remote_usable(self.settings):
+            key = layout.autotune_key(self.key)
+            try:
+                shared_store(self.settings).write_bytes(key, data)
+            except Exception as exc:
+                remote_failed(self.settings, "write", key, exc)
+
+    def _write_local(self, data: bytes) -> None:
+        """Temp file in the same directory, then ``os.replace``: readers see all of it or nothing."""
+        path = self.local_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:
+            log.warning("autotune cache: cannot write %s (%s); the result is kept only in memory", path, exc)
+
+    # pickling ------------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Nothing process-bound lives on the instance (stores are opened per process by
+        # shared_store), so the state is plain data; stated explicitly because compile workers
+        # pickle these to their parent and that must keep working if a handle is ever cached here.
+        return {"key": self.key, "configs_hash": self.configs_hash, "settings": self.settings}
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        self.__init__(state["key"], state["configs_hash"], state["settings"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"AutotuneCache(key={self.key[:12]}..., local={self.local_enabled}, remote={self.remote_enabled})"
+
+
+def _parse(data: bytes, where: object) -> dict[str, Any] | None:
+    try:
+        record = json.loads(data)
+    except ValueError:
+        record = None
+    if not (isinstance(record, dict) and record.get("format") == RECORD_FORMAT
+            and record.get("version") == RECORD_VERSION and isinstance(record.get("kwargs"), dict)):
+        log.warning("autotune cache: ignoring an unreadable or foreign record from %s", where)
+        return None
+    return record

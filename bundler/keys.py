@@ -1,0 +1,190 @@
+"""Hashing only: content hashes, a comment-blind code hash, the version salt and the compile key.
+
+Every cache key kernel-bundler derives goes through this module, so "what makes two results
+interchangeable" is answered in one place:
+
+* :func:`code_hash` ignores comments and layout, because generated kernels carry run ids, dates
+  and file paths in comments, and those must not turn a warm cache cold.
+* :func:`version_salt` mixes in everything outside the code that changes what a compile produces:
+  the Triton version, the backend (GPU target and compiler versions, or the interpreter), the
+  bundle format version and the user's tag (``BUNDLER_TAG``). Any of them changing is a miss,
+  never a stale load.
+
+Triton is imported lazily and only here: ``import bundler`` must stay cheap inside training
+processes, and the package works (as a plain CPU-side tool) where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import platform
+import re
+import tokenize
+from pathlib import Path
+
+from bundler.manifest import FORMAT_VERSION
+
+log = logging.getLogger(__name__)
+
+#: Version of the bundle format, defined once in ``bundler.manifest``; part of every compile key
+#: so a format change never reads an old bundle.
+BUNDLE_FORMAT_VERSION = FORMAT_VERSION
+
+_CHUNK = 1 << 20
+_COMMENT = re.compile(r"#.*$", re.MULTILINE)
+
+
+# --- content hashes ------------------------------------------------------------------------------
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hash a file in 1 MiB chunks, so a large cubin or pickle is never held whole in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_parts(*parts: str) -> str:
+    """One sha256 over several strings, unambiguously.
+
+    Each part is length-prefixed, so ``("ab", "c")`` and ``("a", "bc")`` cannot collide the way a
+    plain ``"-".join`` would.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        raw = part.encode("utf-8")
+        digest.update(b"%d:" % len(raw))
+        digest.update(raw)
+    return digest.hexdigest()
+
+
+def canonical_json(value: object) -> str:
+    """Stable JSON for hashing: sorted keys, no whitespace, tuples as lists.
+
+    Raises TypeError for values JSON cannot represent, rather than hashing a ``repr`` that may hold
+    a memory address and so never hit again.
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+
+
+# --- code ----------------------------------------------------------------------------------------
+
+
+def code_hash(source: str) -> str:
+    """sha256 of Python source with comments, blank lines and intra-line spacing ignored.
+
+    Steps:
+    1. Tokenize, dropping COMMENT tokens (run ids and paths live there) and NL tokens (blank lines
+       and line breaks inside brackets), and blanking INDENT text (2 vs 4 spaces is the same code).
+    2. Hash the remaining (type, text) pairs. Python's meaning depends only on this token stream,
+       so equal streams are equal programs; string literals and docstrings are kept verbatim.
+    3. Source that does not tokenize (not Python, or truncated) falls back to stripping ``#...``
+       to the end of each line and dropping blank lines, which is what Inductor does.
+    """
+    try:
+        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+        parts = [f"{tok.type}\x1f{'' if tok.type == tokenize.INDENT else tok.string}" for tok in tokens
+                 if tok.type not in (tokenize.COMMENT, tokenize.NL)]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        log.debug("source does not tokenize as Python; hashing it with '#' comments stripped")
+        stripped = _COMMENT.sub("", source)
+        parts = ["text", *(line.rstrip() for line in stripped.splitlines() if line.strip())]
+    return hash_parts(*parts)
+
+
+_hash_source = code_hash  # compile_key's ``code_hash`` argument shadows the function's name
+
+
+# --- versions and backend ------------------------------------------------------------------------
+
+
+def triton_version() -> str | None:
+    """The installed Triton's version, or None when Triton is not installed."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return None
+    try:
+        return version("triton")
+    except PackageNotFoundError:
+        return None
+
+
+def interpreter_backend() -> str:
+    """The backend value used where kernels run on the CPU (no GPU, or ``TRITON_INTERPRET=1``).
+
+    Interpreter results are CPU timings, so they must never be mistaken for a GPU's: the machine
+    architecture is the only fact that matters for them.
+    """
+    return f"cpu-interpreter-{platform.machine() or 'unknown'}"
+
+
+@functools.lru_cache(maxsize=1)
+def backend_hash() -> str:
+    """Identify the compile target: GPU target plus compiler versions, or the CPU interpreter.
+
+    With a GPU this is Triton's own ``make_backend(target).hash()`` (for CUDA: the ptxas version and
+    the compute capability; for ROCm: the LLVM/ROCm versions and the gfx arch), the same value
+    Inductor puts into its autotune keys. Without Triton, without an active GPU driver, or under
+    ``TRITON_INTERPRET=1``, it is :func:`interpreter_backend`. Cached: asking the driver costs tens of
+    milliseconds and the answer cannot change within a process.
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return interpreter_backend()
+    try:
+        from triton import knobs
+
+        if knobs.runtime.interpret:
+            return interpreter_backend()
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.driver import driver
+
+        target = driver.active.get_current_target()
+        return f"{target.backend}-{target.arch}-{target.warp_size}-{make_backend(target).hash()}"
+    except Exception as exc:  # no GPU: "0 active drivers", missing libcuda, ...
+        log.debug("no active Triton GPU driver (%s); keying as the CPU interpreter", exc)
+        return interpreter_backend()
+
+
+def version_salt(tag: str | None = None, *, triton: str | None = None, backend: str | None = None) -> str:
+    """Everything outside the code that decides whether a cached result still applies.
+
+    ``triton`` and ``backend`` default to the running process's values; passing them lets a CI job
+    compute the key of another machine (and lets tests prove that each one changes the key).
+    """
+    facts = {
+        "triton": triton if triton is not None else (triton_version() or "none"),
+        "backend": backend if backend is not None else backend_hash(),
+        "format": BUNDLE_FORMAT_VERSION,
+        "tag": tag or "",
+    }
+    return hash_parts("version-salt-v1", canonical_json(facts))
+
+
+def compile_key(*, code: str | None = None, code_hash: str | None = None, tag: str | None = None,
+                salt: str | None = None) -> str:
+    """The key of one compile's bundle: the comment-stripped code hash plus the version salt.
+
+    Exactly one of ``code`` (the source being compiled) and ``code_hash`` (a hash the caller already
+    has, e.g. Inductor's) must be given. ``salt`` defaults to ``version_salt(tag)``.
+    """
+    if (code is None) == (code_hash is None):
+        raise TypeError("compile_key() takes exactly one of code= or code_hash=")
+    digest = _hash_source(code) if code is not None else code_hash
+    return hash_parts("compile-key-v1", str(digest), salt if salt is not None else version_salt(tag))

@@ -1,0 +1,301 @@
+"""Per-compile bundles: ``begin_compile`` fetches one, ``end_compile`` pushes one.
+
+A *compile* is whatever the caller calls one (a model's ``torch.compile``, a script's kernels); it
+is named by ``keys.compile_key(code=...)``, the comment-blind hash of its source plus the version
+salt. The ref ``compile-<key>`` in the store points at the bundle that compile produced.
+
+Life of a session::
+
+    with bundler.compile_session(code=model_source):    # or begin_compile(...) / end_compile()
+        run_the_model()
+
+1. ``begin`` starts fetching the ref's bundle in a background thread and returns at once, so the
+   download overlaps with whatever the job does next (importing torch, building the model).
+   Every reader of the local caches (``AutotuneCache``, the Triton cache manager) first waits for
+   that fetch (``recording.wait_for_pending``), at most ``settings.pull_budget`` seconds from begin.
+2. On a hit the bundle is unpacked into the local caches (Triton group files relocated to this
+   machine's paths) and the time it saves (the autotuning time recorded in its autotune records)
+   is reported. Nothing is uploaded at the end, as in Inductor's bundler: the bundle already
+   describes this compile.
+3. On a miss (no ref, store down, corrupt or hostile bundle, budget exceeded) the job compiles as
+   if there were no cache, with one logged warning for anything worse than "not there yet", and
+   every cache entry recorded meanwhile (autotune records saved or hit, Triton kernel files made
+   or found) is collected. ``end`` packs them into one bundle and pushes it with the ref.
+
+Switches (``Settings``): ``bundles`` turns sessions on (they need ``local_cache``, which the
+settings enforce, and a ``remote``); ``local_cache`` and ``remote_autotune`` govern the per-kernel
+cache independently. A disabled session is a cheap no-op, so callers never need to check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bundler import keys, recording
+from bundler.config import Settings
+from bundler.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+
+REF_PREFIX = "compile-"
+
+
+class CompileSession:
+    """One compile's bundle: fetched at :meth:`begin`, pushed at :meth:`end` when it was a miss."""
+
+    def __init__(
+        self,
+        *,
+        code: str | None = None,
+        code_hash: str | None = None,
+        settings: Settings | None = None,
+        store: Any = None,
+    ) -> None:
+        if (code is None) == (code_hash is None):
+            raise TypeError("a compile session takes exactly one of code= or code_hash=")
+        self.settings = settings if settings is not None else Settings.from_env()
+        self._code, self._code_hash = code, code_hash
+        self._store = store
+        self.enabled = bool(self.settings.bundles and (store is not None or self.settings.remote))
+        self.key: str | None = None
+        self._hit = False
+        self.time_saved_ns = 0
+        self.pulled: Any = None  # transfer.PullResult on a hit
+        self.pushed: Any = None  # transfer.PushResult after a successful push
+        self._recorder = recording.Recorder()
+        self._fetcher: threading.Thread | None = None
+        self._deadline = 0.0
+        self._state = "new"
+
+    @property
+    def hit(self) -> bool:
+        """Whether the bundle was found and unpacked; waits for the fetch (see :meth:`sync`)."""
+        return self.sync()
+
+    @property
+    def ref_name(self) -> str:
+        if self.key is None:
+            raise RuntimeError("the compile key is known once the session has begun")
+        return f"{REF_PREFIX}{self.key}"
+
+    # begin -------------------------------------------------------------------------------------
+
+    def begin(self) -> CompileSession:
+        """Derive the key, start fetching the bundle, start collecting. Returns self."""
+        if self._state != "new":
+            raise RuntimeError(f"compile session already {self._state}")
+        self._state = "open"
+        if not self.enabled:
+            log.debug("compile session off (bundles=%s, remote=%s)", self.settings.bundles, self.settings.remote)
+            return self
+        self.key = keys.compile_key(code=self._code, code_hash=self._code_hash, tag=self.settings.tag)
+        self._deadline = time.monotonic() + self.settings.pull_budget
+        recording.attach(self._recorder)
+        self._fetcher = threading.Thread(target=self._fetch, name="bundler-fetch", daemon=True)
+        self._fetcher.start()
+        recording.add_waiter(self.sync)
+        return self
+
+    def _store_handle(self) -> Any:
+        if self._store is None:
+            from bundler.autotune import shared_store
+
+            self._store = shared_store(self.settings)
+        return self._store
+
+    def _fetch(self) -> None:
+        """Runs in the fetch thread: pull into the local caches; any failure means "miss"."""
+        from bundler import transfer
+        from bundler.integrations.triton_groups import GroupFileRewriter
+
+        try:
+            result = transfer.pull(
+                self._store_handle(),
+                recording.dest_mapping(self.settings),
+                ref=self.ref_name,
+                settings=self.settings,
+                rewrite=GroupFileRewriter(),
+            )
+        except NotFoundError:
+            log.info("compile %s: no bundle yet; compiling, and the result will be pushed", self.key[:12])
+            return
+        except Exception as exc:  # the cache is an accelerator: nothing here may fail the job
+            log.warning("compile %s: could not fetch its bundle (%s: %s); compiling without it",
+                        self.key[:12], type(exc).__name__, exc)
+            return
+        self.pulled = result
+        self.time_saved_ns = self._register_pulled(result.manifest)
+        self._hit = True
+        log.info("compile %s: bundle %s unpacked (%d files), saving about %.1f s of autotuning",
+                 self.key[:12], result.digest[:12], len(result.manifest.files), self.time_saved_ns / 1e9)
+
+    def _register_pulled(self, manifest: Any) -> int:
+        """Record the pulled files for the process (artifacts) and sum their autotuning time."""
+        saved = 0
+        for record in manifest.files:
+            path = recording.local_path(record.path, self.settings)
+            recording.record_file(path, self.settings)
+            if record.path.startswith(f"{recording.AUTOTUNE_ROOT}/"):
+                saved += _time_taken_ns(path)
+        return saved
+
+    # during ------------------------------------------------------------------------------------
+
+    def sync(self) -> bool:
+        """Wait for the fetch (at most until the pull budget runs out); True on a hit.
+
+        After the budget the session proceeds as a miss. A fetch that finishes later still lands
+        in the cache safely (unpacking is atomic), it is just too late to count.
+        """
+        fetcher = self._fetcher
+        if fetcher is not None and fetcher.is_alive():
+            fetcher.join(max(0.0, self._deadline - time.monotonic()))
+            if fetcher.is_alive():
+                self._fetcher = None  # given up: later calls neither wait nor warn again
+                log.warning("compile %s: fetching its bundle took longer than the pull budget (%.0f s, "
+                            "BUNDLER_PULL_BUDGET); compiling without it", self.key[:12], self.settings.pull_budget)
+                recording.remove_waiter(self.sync)
+        return self._hit
+
+    def put(self, path: str | os.PathLike[str], data: bytes | None = None) -> None:
+        """Add a local-cache file to this session's bundle (``data``: its bytes, else read at push)."""
+        name = recording.member_name(path, self.settings)
+        if name is None:
+            log.warning("put(%s): not inside the local caches (%s, %s); not bundled",
+                        path, self.settings.cache_dir, self.settings.triton_cache_dir)
+            return
+        self._recorder.add(name, data if data is not None else recording.source_for(name, path))
+
+    # end ---------------------------------------------------------------------------------------
+
+    def end(self) -> Any:
+        """Stop collecting; on a miss, pack and push what was collected. Returns the PushResult or None."""
+        if self._state != "open":
+            raise RuntimeError(f"compile session is {self._state}, not open")
+        self._state = "ended"
+        if not self.enabled:
+            return None
+        self.sync()
+        recording.remove_waiter(self.sync)
+        recording.detach(self._recorder)
+        if self._hit:
+            return None
+        entries = recording.readable(self._recorder.entries())
+        if not entries:
+            log.info("compile %s: nothing was compiled or tuned; no bundle to push", self.key[:12])
+            return None
+        self.pushed = self._push(entries)
+        return self.pushed
+
+    def _push(self, entries: dict[str, recording.Source]) -> Any:
+        from bundler import transfer
+
+        extra = {"compile_key": self.key, "entries": len(entries), "time_taken_ns": _entries_time_ns(entries)}
+        try:
+            result = transfer.push(self._store_handle(), entries, ref=self.ref_name, ref_extra=extra,
+                                   settings=self.settings)
+        except Exception as exc:
+            log.warning("compile %s: could not push its bundle (%s: %s); the next run compiles again",
+                        self.key[:12], type(exc).__name__, exc)
+            return None
+        log.info("compile %s: pushed bundle %s (%d files, %d bytes%s)", self.key[:12], result.digest[:12],
+                 len(entries), result.size, "" if result.uploaded else ", already in the store")
+        return result
+
+    def __enter__(self) -> CompileSession:
+        return self.begin() if self._state == "new" else self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            # A failed compile produced nothing worth sharing; stop without pushing.
+            self._state = "ended"
+            recording.remove_waiter(self.sync)
+            recording.detach(self._recorder)
+            return
+        self.end()
+
+
+def _time_taken_ns(source: recording.Source) -> int:
+    """The autotuning time an autotune record says it cost (0 when unreadable)."""
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        return int(json.loads(data).get("time_taken_ns") or 0)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
+
+
+def _entries_time_ns(entries: dict[str, recording.Source]) -> int:
+    prefix = f"{recording.AUTOTUNE_ROOT}/"
+    return sum(_time_taken_ns(source) for name, source in entries.items() if name.startswith(prefix))
+
+
+# --- the module-level API (one stack of sessions per process) ---------------------------------------
+
+_sessions: list[CompileSession] = []
+_sessions_lock = threading.Lock()
+
+
+def begin_compile(
+    *, code: str | None = None, code_hash: str | None = None, settings: Settings | None = None
+) -> CompileSession:
+    """Open a compile session for ``code`` (or its ``code_hash``) and make it the current one."""
+    session = CompileSession(code=code, code_hash=code_hash, settings=settings).begin()
+    with _sessions_lock:
+        _sessions.append(session)
+    return session
+
+
+def put(path: str | os.PathLike[str], data: bytes | None = None) -> None:
+    """Add a local-cache file to every open session and to the process's artifacts.
+
+    Call it for cache files your own code writes or finds (``data``: its bytes, else the file is
+    read at push time). The autotune cache and the Triton integration call the equivalent
+    themselves, for hits as well as writes, so a new model that reuses old kernels bundles them.
+    """
+    session = current()
+    settings = session.settings if session is not None else Settings.from_env()
+    name = recording.member_name(path, settings)
+    if name is None:
+        log.warning("put(%s): not inside the local caches; not bundled", path)
+        return
+    recording.record(name, data if data is not None else recording.source_for(name, path))
+
+
+def end_compile() -> Any:
+    """End the current session (see :meth:`CompileSession.end`); None when none is open."""
+    with _sessions_lock:
+        session = _sessions.pop() if _sessions else None
+    return session.end() if session is not None else None
+
+
+def sync() -> None:
+    """Wait for every open session's fetch, each bounded by its pull budget."""
+    recording.wait_for_pending()
+
+
+def current() -> CompileSession | None:
+    with _sessions_lock:
+        return _sessions[-1] if _sessions else None
+
+
+@contextlib.contextmanager
+def compile_session(
+    *, code: str | None = None, code_hash: str | None = None, settings: Settings | None = None
+) -> Iterator[CompileSession]:
+    """``with compile_session(code=src) as s:`` = begin_compile ... end_compile (no push on error)."""
+    session = begin_compile(code=code, code_hash=code_hash, settings=settings)
+    try:
+        with session:
+            yield session
+    finally:
+        with _sessions_lock:
+            if session in _sessions:
+                _sessions.remove(session)

@@ -1,0 +1,147 @@
+"""The Store contract on S3 and S3-compatible servers (MinIO, Ceph RGW, R2, moto, ...).
+
+URL form::
+
+    s3://BUCKET[/PREFIX][?endpoint=URL&addressing=path|virtual|auto&region=NAME]
+
+``endpoint``
+    The server's base URL, e.g. ``http://127.0.0.1:9000`` for a local MinIO. Without it the AWS
+    configuration chain decides (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, profile
+    ``endpoint_url``, else AWS itself).
+``addressing``
+    ``path`` puts the bucket in the URL path (``http://host/bucket/key``), which most self-hosted
+    servers need; ``virtual`` puts it in the host name; ``auto`` (default) lets botocore choose.
+``region``
+    The signing region; default from ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / the profile.
+
+Credentials always come from the AWS chain (environment, ``AWS_PROFILE``, SSO, instance role), never
+from the URL, so URLs can be logged. Timeouts, retries and transfer sizes come from
+:class:`~bundler.config.Settings`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+from urllib.parse import parse_qs, urlsplit
+
+from bundler.config import Settings
+from bundler.errors import ConfigError, NotFoundError
+from bundler.progress import NULL_PROGRESS, Progress
+from bundler.stores import s3_read, s3_write
+from bundler.stores.base import ObjectInfo, Store
+from bundler.stores.s3_client import ClientConfig, S3Object, get_client
+from bundler.stores.s3_errors import ErrorContext, translated
+
+logger = logging.getLogger(__name__)
+
+_QUERY_KEYS = {"endpoint", "addressing", "region"}
+_ADDRESSING = {"path", "virtual", "auto"}
+
+
+class S3Store(Store):
+    """Objects under ``prefix/`` in ``bucket``; the botocore client is shared and built on first use."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        addressing: str | None = None,
+        settings: Settings | None = None,
+        url: str | None = None,
+    ) -> None:
+        if not bucket:
+            raise ConfigError("an S3 store needs a bucket: use s3://BUCKET/PREFIX")
+        if addressing not in (None, *_ADDRESSING):
+            raise ConfigError(f"addressing={addressing!r}: use path, virtual or auto")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.settings = settings or Settings.from_env()
+        self.url = url or f"s3://{bucket}/{self.prefix}"
+        self._config = ClientConfig.make(
+            self.settings,
+            endpoint_url=endpoint_url or None,
+            region=region or None,
+            addressing=None if addressing == "auto" else addressing,
+        )
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings | None = None) -> S3Store:
+        """Parse ``s3://bucket/prefix?endpoint=...&addressing=...&region=...`` (see the module docs)."""
+        parts = urlsplit(url)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        unknown = set(query) - _QUERY_KEYS
+        if parts.scheme != "s3" or unknown or parts.fragment:
+            raise ConfigError(
+                f"{url!r} is not a valid S3 store URL"
+                + (f" (unknown parameter {', '.join(sorted(unknown))})" if unknown else "")
+                + ": use s3://BUCKET/PREFIX with optional ?endpoint=URL&addressing=path|virtual|auto&region=NAME"
+            )
+        single = {name: values[-1] for name, values in query.items()}
+        return cls(
+            parts.netloc,
+            parts.path,
+            endpoint_url=single.get("endpoint"),
+            region=single.get("region"),
+            addressing=single.get("addressing"),
+            settings=settings,
+            url=url,
+        )
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def _client(self) -> Any:
+        return get_client(self._config)
+
+    @property
+    def _ctx(self) -> ErrorContext:
+        endpoint = self._config.endpoint_url or self._client.meta.endpoint_url
+        return ErrorContext(bucket=self.bucket, endpoint=endpoint, settings=self.settings)
+
+    def _full_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _object(self, key: str) -> S3Object:
+        return S3Object(client=self._client, bucket=self.bucket, key=self._full_key(key), ctx=self._ctx)
+
+    # --- the five primitives -------------------------------------------------------------------
+
+    def open_read(self, key: str, *, progress: Progress = NULL_PROGRESS) -> BinaryIO:
+        return s3_read.open_object(self._object(key), self.settings, progress)
+
+    def write(
+        self,
+        key: str,
+        stream: BinaryIO,
+        *,
+        size: int | None = None,
+        if_absent: bool = False,
+        progress: Progress = NULL_PROGRESS,
+    ) -> bool:
+        return s3_write.upload(
+            self._object(key), stream, size=size, if_absent=if_absent, settings=self.settings, progress=progress
+        )
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """None for a missing key. S3 answers HEAD without a body, so a missing bucket also reads as None."""
+        try:
+            response = self._object(key).call("HeadObject")
+        except NotFoundError:
+            return None
+        return ObjectInfo(key=key, size=int(response["ContentLength"]), modified=response.get("LastModified"))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        paginator = self._client.get_paginator("list_objects_v2")
+        with translated("ListObjectsV2", root + prefix, self._ctx):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
+                for item in page.get("Contents", ()):
+                    yield ObjectInfo(key=item["Key"][len(root) :], size=int(item["Size"]), modified=item["LastModified"])
+
+    def delete(self, key: str) -> None:
+        self._object(key).call("DeleteObject")

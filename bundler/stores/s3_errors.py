@@ -1,0 +1,187 @@
+"""Turn botocore's exceptions into ours, with a message that says what to do next.
+
+botocore reports the same user mistake many ways (a 403 with ``InvalidAccessKeyId``, a
+``NoCredentialsError`` before any request, a ``SignatureDoesNotMatch``); the person reading a CI log
+needs one sentence naming the bucket, the key, the endpoint and the setting to fix. botocore is
+imported inside the functions so this module stays import-cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+from bundler.config import Settings
+from bundler.errors import (
+    AccessDeniedError,
+    NoSuchBucketError,
+    NotFoundError,
+    StoreError,
+    StoreUnreachableError,
+)
+
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "ExpiredTokenException",
+}
+_THROTTLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
+_HOW_TO_CONFIGURE = (
+    "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
+    "credentials), or AWS_PROFILE naming a profile in ~/.aws/credentials"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorContext:
+    """Where a request went, for messages: the bucket, the endpoint and the timeouts in force."""
+
+    bucket: str
+    endpoint: str
+    settings: Settings
+
+    def timeouts(self) -> str:
+        s = self.settings
+        return (
+            f"BUNDLER_CONNECT_TIMEOUT={s.connect_timeout:g}s, BUNDLER_READ_TIMEOUT={s.read_timeout:g}s, "
+            f"BUNDLER_MAX_ATTEMPTS={s.max_attempts}"
+        )
+
+
+def error_code(exc: BaseException) -> tuple[str, int]:
+    """(S3 error code, HTTP status) of a ClientError; ("", 0) for anything else."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return "", 0
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return code, status
+
+
+def is_transient_stream_error(exc: BaseException) -> bool:
+    """A body that broke off mid-transfer (reset, truncation, read timeout): worth re-requesting."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    transient = (
+        ResponseStreamingError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ConnectionClosedError,
+        Urllib3Error,
+        ConnectionError,
+    )
+    return isinstance(exc, transient)
+
+
+def to_store_error(exc: BaseException, action: str, key: str | None, ctx: ErrorContext) -> StoreError | None:
+    """Our exception for ``exc`` raised by ``action`` (``GetObject``, ...) on ``key``; None if not botocore's."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionClosedError,
+        CredentialRetrievalError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+
+    where = f"s3://{ctx.bucket}/{key}" if key is not None else f"s3://{ctx.bucket}"
+    target = f"{where} at {ctx.endpoint}"
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)):
+        return AccessDeniedError(f"{action} {target}: no usable AWS credentials ({exc}); {_HOW_TO_CONFIGURE}")
+    if isinstance(exc, (EndpointConnectionError, ReadTimeoutError, ConnectionClosedError)) or (
+        is_transient_stream_error(exc) and not isinstance(exc, ClientError)
+    ):
+        return StoreUnreachableError(
+            f"{action} {target}: the store did not answer ({exc}) with {ctx.timeouts()}; check the "
+            "endpoint URL and the network, or raise those settings for a slow link"
+        )
+    if isinstance(exc, ClientError):
+        return _from_client_error(exc, action, key, target, ctx)
+    if isinstance(exc, BotoCoreError):
+        return StoreError(f"{action} {target} failed: {exc}")
+    return None
+
+
+def _from_client_error(
+    exc: BaseException, action: str, key: str | None, target: str, ctx: ErrorContext
+) -> StoreError:
+    code, status = error_code(exc)
+    message = str(getattr(exc, "response", {}).get("Error", {}).get("Message", "")) or code or str(status)
+    if code == "NoSuchBucket":
+        return NoSuchBucketError(
+            f"bucket {ctx.bucket!r} does not exist at {ctx.endpoint}; create it or fix the bucket "
+            "in the remote URL (--remote / BUNDLER_REMOTE)"
+        )
+    if code in _CREDENTIAL_CODES:
+        return AccessDeniedError(
+            f"{action} {target}: the credentials were rejected ({code}: {message}); {_HOW_TO_CONFIGURE}"
+        )
+    if code in ("AccessDenied", "AllAccessDisabled", "Forbidden") or status == 403:
+        return AccessDeniedError(
+            f"{action} {target}: access denied ({code or status}); check that these credentials "
+            f"(AWS_PROFILE / AWS_ACCESS_KEY_ID) are allowed s3:{_permission(action)} on the bucket "
+            "and key in the IAM or bucket policy"
+        )
+    if code in _NOT_FOUND_CODES or status == 404:
+        return NotFoundError(f"{key!r} not found in s3://{ctx.bucket} at {ctx.endpoint}")
+    if code in _THROTTLE_CODES or status == 503:
+        return StoreUnreachableError(
+            f"{action} {target}: the store is throttling requests ({code or status}) and still was after "
+            f"{ctx.settings.max_attempts} attempts; retry later, spread the load, or set "
+            "BUNDLER_RETRY_MODE=adaptive / raise BUNDLER_MAX_ATTEMPTS"
+        )
+    if code == "PreconditionFailed" and action == "GetObject":
+        return StoreError(
+            f"{action} {target}: the object was replaced while it was being read; retry the read"
+        )
+    if status >= 500:
+        return StoreError(
+            f"{action} {target}: server error {status} {code}: {message} after {ctx.settings.max_attempts} "
+            "attempts; retry later or check the server's health"
+        )
+    return StoreError(f"{action} {target} failed: {code or status}: {message}")
+
+
+def _permission(action: str) -> str:
+    """The IAM action behind an API call (multipart pieces need PutObject; HEAD needs GetObject)."""
+    return {
+        "HeadObject": "GetObject",
+        "ListObjectsV2": "ListBucket",
+        "CreateMultipartUpload": "PutObject",
+        "UploadPart": "PutObject",
+        "CompleteMultipartUpload": "PutObject",
+        "AbortMultipartUpload": "AbortMultipartUpload",
+    }.get(action, action)
+
+
+@contextlib.contextmanager
+def translated(action: str, key: str | None, ctx: ErrorContext) -> Iterator[None]:
+    """Run a block of S3 calls, re-raising botocore failures as our StoreError family."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:
+        mapped = to_store_error(exc, action, key, ctx)
+        if mapped is None:
+            raise
+        raise mapped from exc

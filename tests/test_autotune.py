@@ -1,0 +1,185 @@
+"""AutotuneCache: local and remote records, keys, matching, failure policy, pickling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import pickle
+from pathlib import Path
+
+import pytest
+import triton
+
+from bundler import autotune, keys
+from bundler.autotune import AutotuneCache, configs_hash
+from bundler.config import Settings
+from bundler.errors import StoreUnreachableError
+from bundler.stores import layout, open_store
+
+CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((16, 4), (32, 4), (32, 8))]
+META = {"kernel": "tests.add", "tuning_key": [100, "torch.float32"]}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(cache_dir=tmp_path / "cache", triton_cache_dir=tmp_path / "triton", remote=None)
+
+
+def make(settings: Settings, configs: list = CONFIGS, meta: dict = META, filename: str = "/src/kernels.py"):
+    cache = AutotuneCache.create(meta, filename, configs_hash(configs), settings=settings)
+    assert cache is not None
+    return cache
+
+
+def test_saved_winner_comes_back_as_the_same_candidate(settings: Settings) -> None:
+    make(settings).save(CONFIGS[2], time_taken_ns=5_000_000)
+    assert make(settings).read_best(CONFIGS) is CONFIGS[2]
+    record = json.loads(make(settings).local_path.read_text())
+    assert record["kwargs"] == {"BLOCK": 32}
+    assert record["fields"]["num_warps"] == 8 and record["fields"]["num_stages"] == 3
+    assert record["time_taken_ns"] == 5_000_000
+    assert [p.name for p in make(settings).local_path.parent.iterdir()] == [make(settings).local_path.name]
+
+
+def test_nothing_stored_is_a_miss(settings: Settings) -> None:
+    assert make(settings).read_best(CONFIGS) is None
+
+
+def test_changed_candidate_list_is_a_reported_miss(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    make(settings).save(CONFIGS[0], 1)
+    wider = [*CONFIGS, triton.Config({"BLOCK": 64})]
+    cache = make(settings, configs=wider)
+    assert cache.local_path == make(settings).local_path  # same record, checked inside
+    with caplog.at_level(logging.INFO, logger="bundler.autotune"):
+        assert cache.read_best(wider) is None
+    assert "candidate configs changed" in caplog.text
+
+
+def test_record_matching_several_candidates_is_a_miss(settings: Settings) -> None:
+    twins = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 16})]
+    make(settings, configs=twins).save(twins[0], 1)
+    assert make(settings, configs=twins).read_best(twins) is None
+
+
+def test_coordinate_descent_result_is_rebuilt_and_marked(settings: Settings) -> None:
+    found = triton.Config({"BLOCK": 48}, num_warps=2, num_stages=4)
+    make(settings).save(found, 1, found_by_coordesc=True)
+    best = make(settings).read_best(CONFIGS)
+    assert best not in CONFIGS
+    assert best.kwargs == {"BLOCK": 48} and best.num_warps == 2 and best.num_stages == 4
+    assert best.found_by_coordesc is True
+
+
+def test_kwarg_named_like_a_launch_option_is_not_confused(settings: Settings) -> None:
+    configs = [triton.Config({"num_warps": 1}, num_warps=4), triton.Config({"num_warps": 4}, num_warps=1)]
+    make(settings, configs=configs).save(configs[1], 1)
+    assert make(settings, configs=configs).read_best(configs) is configs[1]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s, m, f: (s.replace(tag="other"), m, f),
+        lambda s, m, f: (s, {**m, "tuning_key": [200, "torch.float32"]}, f),
+        lambda s, m, f: (s, m, "/src/other_kernels.py"),
+    ],
+    ids=["tag", "tuning-key", "file"],
+)
+def test_key_changes_with_tag_meta_and_file(settings: Settings, change) -> None:  # noqa: ANN001
+    make(settings).save(CONFIGS[0], 1)
+    s, m, f = change(settings, META, "/src/kernels.py")
+    assert make(s, meta=m, filename=f).read_best(CONFIGS) is None
+
+
+@pytest.mark.parametrize("fact", ["triton_version", "backend_hash"])
+def test_key_changes_with_triton_version_and_backend(settings: Settings, monkeypatch, fact: str) -> None:  # noqa: ANN001
+    make(settings).save(CONFIGS[0], 1)
+    monkeypatch.setattr(keys, fact, lambda: "something-else")
+    assert make(settings).read_best(CONFIGS) is None
+
+
+def test_only_the_basename_of_the_file_counts(settings: Settings) -> None:
+    make(settings, filename="/ci/checkout-1/kernels.py").save(CONFIGS[1], 1)
+    assert make(settings, filename="/home/me/repo/kernels.py").read_best(CONFIGS) is CONFIGS[1]
+
+
+def test_create_returns_none_when_no_cache_is_usable(tmp_path: Path) -> None:
+    off = Settings(cache_dir=tmp_path, local_cache=False, bundles=False, remote=None)
+    assert AutotuneCache.create(META, "k.py", "h", settings=off) is None
+    remote_off = off.replace(remote=(tmp_path / "s").as_uri(), remote_autotune=False)
+    assert AutotuneCache.create(META, "k.py", "h", settings=remote_off) is None
+
+
+def test_remote_record_is_shared_and_copied_locally(tmp_path: Path) -> None:
+    store_url = (tmp_path / "store").as_uri()
+    producer = Settings(cache_dir=tmp_path / "a", remote=store_url)
+    make(producer).save(CONFIGS[1], 7)
+    assert open_store(store_url).exists(layout.autotune_key(make(producer).key))
+    consumer = producer.replace(cache_dir=tmp_path / "b")
+    assert make(consumer).read_best(CONFIGS) is CONFIGS[1]
+    assert make(consumer).local_path.is_file()
+
+
+def test_remote_only_cache_works_without_local_files(tmp_path: Path) -> None:
+    remote_only = Settings(cache_dir=tmp_path / "c", remote=(tmp_path / "s").as_uri(), local_cache=False,
+                           bundles=False)
+    make(remote_only).save(CONFIGS[0], 1)
+    assert make(remote_only).read_best(CONFIGS) is CONFIGS[0]
+    assert not (tmp_path / "c").exists()
+
+
+class _DeadStore:
+    calls = 0
+
+    def _fail(self, *args: object, **kwargs: object) -> None:
+        type(self).calls += 1
+        raise StoreUnreachableError("connection refused")
+
+    read_bytes = write_bytes = _fail
+
+
+def test_store_failure_is_one_warning_and_a_miss(tmp_path: Path, monkeypatch, caplog) -> None:  # noqa: ANN001
+    monkeypatch.setattr(autotune, "shared_store", lambda settings: _DeadStore())
+    monkeypatch.setattr(autotune, "_broken_remotes", set())
+    settings = Settings(cache_dir=tmp_path, remote="s3://dead/prefix")
+    with caplog.at_level(logging.WARNING):
+        assert make(settings).read_best(CONFIGS) is None
+        make(settings).save(CONFIGS[0], 1)  # must not raise; the local side still works
+        other = make(settings, meta={"kernel": "other"})
+        assert other.read_best(CONFIGS) is None
+    assert _DeadStore.calls == 1  # the breaker kept the other lookups off the dead store
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    assert make(settings).read_best(CONFIGS) is CONFIGS[0]
+
+
+def test_corrupt_local_record_is_a_miss(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    cache = make(settings)
+    cache.local_path.parent.mkdir(parents=True)
+    cache.local_path.write_text("{not json")
+    assert cache.read_best(CONFIGS) is None
+    assert "unreadable" in caplog.text
+
+
+def test_stats_count_hits_misses_and_time_saved(settings: Settings) -> None:
+    before = autotune.stats()
+    make(settings).read_best(CONFIGS)
+    make(settings).save(CONFIGS[0], 3_000)
+    make(settings).read_best(CONFIGS)
+    after = autotune.stats()
+    assert (after.misses - before.misses, after.hits - before.hits, after.saves - before.saves) == (1, 1, 1)
+    assert after.time_saved_ns - before.time_saved_ns == 3_000
+
+
+def _create_in_worker(settings: Settings) -> AutotuneCache:
+    return AutotuneCache.create(META, "/worker/kernels.py", configs_hash(CONFIGS), settings=settings)
+
+
+def test_cache_made_in_a_worker_process_saves_in_the_parent(tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tmp_path / "c", remote=(tmp_path / "s").as_uri())
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        cache = pool.apply(_create_in_worker, (settings,))
+    cache.save(CONFIGS[2], 1)
+    assert make(settings, filename="kernels.py").read_best(CONFIGS) is CONFIGS[2]
+    assert open_store(settings.remote).exists(layout.autotune_key(cache.key))
+    assert pickle.loads(pickle.dumps(cache)).key == cache.key

@@ -1,0 +1,145 @@
+"""Compile sessions: miss -> push, hit -> unpack and push nothing, and the failure policy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bundler
+from bundler import session as session_mod
+from bundler.errors import StoreUnreachableError
+from bundler.stores import layout, open_store
+from bundler.stores.base import Store
+
+from _helpers_triton import GROUP_KEY, autotune_record, fake_kernel, node_settings
+
+CODE = "def model(x):  # built 2026-01-01 on ci-7\n    return x\n"
+
+
+@pytest.fixture(params=["local", "s3_server"])
+def remote(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue({"local": "local_store_url"}.get(request.param, request.param))
+
+
+def produce(base: Path, remote: str | None, node: str = "a") -> session_mod.CompileSession:
+    """A cold node: compile (fake files), record them with put(), push at the end."""
+    settings = node_settings(base, node, remote)
+    with bundler.compile_session(code=CODE, settings=settings) as s:
+        assert s.sync() is False
+        for path in fake_kernel(settings).values():
+            bundler.put(path)
+        bundler.put(autotune_record(settings, "k1", 2_000_000_000))
+    return s
+
+
+def test_miss_pushes_a_bundle_and_a_fresh_node_gets_everything_back(tmp_path: Path, remote: str) -> None:
+    cold = produce(tmp_path, remote)
+    assert cold.pushed is not None and len(cold.pushed.manifest.files) == 4
+    assert open_store(remote).exists(layout.ref_key(cold.ref_name))
+
+    warm = node_settings(tmp_path, "b", remote)
+    with bundler.compile_session(code=CODE.replace("ci-7", "ci-8"), settings=warm) as s:
+        assert s.sync() is True
+        assert s.time_saved_ns == 2_000_000_000
+    assert s.pushed is None  # a hit uploads nothing
+    group = json.loads((warm.triton_cache_dir / GROUP_KEY / "__grp__add.json").read_text())
+    assert group["child_paths"]["add.cubin"] == str(warm.triton_cache_dir / GROUP_KEY / "add.cubin")
+    assert (warm.cache_dir / "autotune" / "k1.json").is_file()
+
+
+def test_bundled_group_files_hold_no_absolute_paths(tmp_path: Path, local_store_url: str) -> None:
+    from bundler import archive
+
+    pushed = produce(tmp_path, local_store_url).pushed
+    with open_store(local_store_url).open_read(layout.bundle_key(pushed.digest)) as stream:
+        files = dict((rec.path, data) for rec, data in archive.iter_files(stream))
+    group = json.loads(files[f"triton/{GROUP_KEY}/__grp__add.json"])
+    assert group["child_paths"] == {"add.cubin": "add.cubin", "add.json": "add.json"}
+
+
+def test_same_files_from_another_path_give_the_same_bundle(tmp_path: Path, local_store_url: str) -> None:
+    first = produce(tmp_path, local_store_url, node="a").pushed
+    (tmp_path / "store").rename(tmp_path / "old-store")
+    second = produce(tmp_path, (tmp_path / "store").as_uri(), node="elsewhere/deeper").pushed
+    assert first.digest == second.digest
+
+
+def test_sessions_off_without_bundles_or_remote(tmp_path: Path) -> None:
+    for settings in (node_settings(tmp_path, "a", None), node_settings(tmp_path, "b", "file:///x", bundles=False)):
+        with bundler.compile_session(code=CODE, settings=settings) as s:
+            bundler.put(fake_kernel(settings)["group"])
+        assert not s.enabled and s.key is None and s.pushed is None
+
+
+class _Store(Store):
+    """A store that stalls, then fails, on every call; counts the calls."""
+
+    url = "s3://bucket/p"
+
+    def __init__(self, delay: float = 0.0, error: Exception | None = None) -> None:
+        self.delay, self.error, self.calls = delay, error or StoreUnreachableError("down"), 0
+
+    def _fail(self, *args: object, **kwargs: object) -> Any:
+        self.calls += 1
+        time.sleep(self.delay)
+        raise self.error
+
+    open_read = write = head = list = delete = _fail
+
+
+def test_unreachable_store_is_a_warning_and_a_miss(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = node_settings(tmp_path, "a", "s3://bucket/p")
+    store = _Store(error=StoreUnreachableError("connection refused"))
+    with caplog.at_level(logging.WARNING), session_mod.CompileSession(code=CODE, settings=settings, store=store) as s:
+        assert s.sync() is False
+        s.put(fake_kernel(settings)["add.cubin"])
+    assert store.calls == 2 and s.pushed is None  # one fetch, one push attempt, both quiet
+    assert "could not fetch" in caplog.text and "could not push" in caplog.text
+
+
+def test_slow_store_costs_at_most_the_pull_budget(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = node_settings(tmp_path, "a", "s3://bucket/p").replace(pull_budget=0.2)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        s = session_mod.CompileSession(code=CODE, settings=settings, store=_Store(delay=2.0)).begin()
+        assert s.sync() is False
+    assert time.monotonic() - started < 1.5
+    assert "pull budget" in caplog.text
+    s._state = "ended"
+    bundler.sync()  # no longer waits on the abandoned fetch
+
+
+def test_corrupt_bundle_is_a_miss(tmp_path: Path, local_store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    pushed = produce(tmp_path, local_store_url).pushed
+    open_store(local_store_url).write_bytes(layout.bundle_key(pushed.digest), b"garbage" * 100)
+    settings = node_settings(tmp_path, "b", local_store_url)
+    with caplog.at_level(logging.WARNING), bundler.compile_session(code=CODE, settings=settings) as s:
+        assert s.sync() is False
+    assert "could not fetch" in caplog.text
+    assert not (settings.triton_cache_dir / GROUP_KEY).exists()
+
+
+def test_failed_compile_pushes_nothing(tmp_path: Path, local_store_url: str) -> None:
+    settings = node_settings(tmp_path, "a", local_store_url)
+    with pytest.raises(RuntimeError), bundler.compile_session(code=CODE, settings=settings) as s:
+        bundler.put(fake_kernel(settings)["add.cubin"])
+        raise RuntimeError("compile failed")
+    assert s.pushed is None and not list(open_store(local_store_url).list())
+
+
+def test_module_level_begin_put_end(tmp_path: Path, local_store_url: str) -> None:
+    settings = node_settings(tmp_path, "a", local_store_url)
+    s = bundler.begin_compile(code_hash="0" * 64, settings=settings)
+    assert session_mod.current() is s
+    s.put(fake_kernel(settings)["add.cubin"])
+    s.put(tmp_path / "elsewhere.txt", b"x")  # outside the caches: warned about, not bundled
+    result = bundler.end_compile()
+    assert [f.path for f in result.manifest.files] == [f"triton/{GROUP_KEY}/add.cubin"]
+    assert bundler.end_compile() is None
+    with pytest.raises(TypeError):
+        bundler.begin_compile(code="a", code_hash="b", settings=settings)

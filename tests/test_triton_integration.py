@@ -1,0 +1,165 @@
+"""The Triton integration with real Triton: interpreter-mode autotuning in fresh processes, and
+genuine kernel caches (cubin, ptx, group files) compiled for sm_90 on this CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.cache import FileCacheManager, RemoteCacheManager
+
+import bundler
+from bundler.integrations import triton as bt
+from bundler.integrations import triton_cache, triton_groups
+from bundler.integrations.triton_remote import StoreRemoteCacheBackend
+from bundler.stores import open_store
+
+import triton_kernels as tk
+from _helpers_triton import node_settings, run_job
+
+COLD_CALLS = 6  # 3 candidate configs x 2 sizes
+
+
+# --- autotuning in the interpreter, one fresh process per node ---------------------------------
+
+
+def test_fresh_node_pulls_the_bundle_and_autotunes_nothing(tmp_path: Path, s3_server: str) -> None:
+    cold = run_job(node_settings(tmp_path, "a", s3_server), "--session")
+    assert cold["phases"][0]["bench_calls"] == COLD_CALLS
+    assert cold["session_hit"] is False and cold["pushed"]
+
+    warm = run_job(node_settings(tmp_path, "b", s3_server), "--session")
+    assert warm["session_hit"] is True
+    assert warm["phases"][0]["bench_calls"] == 0
+    assert warm["phases"][0]["winners"] == cold["phases"][0]["winners"]
+    assert warm["stats"]["hits"] == 2 and warm["stats"]["misses"] == 0
+    assert warm["time_saved_ns"] > 0 and warm["pushed"] is None
+
+
+def test_per_kernel_remote_records_cover_pre_hook_configs_without_bundles(tmp_path: Path,
+                                                                         local_store_url: str) -> None:
+    # Configs with a pre_hook: Triton's own result cache never stores those; ours does.
+    hooked = ("--phase", "configs=hooked")
+    assert run_job(node_settings(tmp_path, "a", local_store_url, bundles=False), *hooked)["phases"][0][
+        "bench_calls"] == COLD_CALLS
+    warm = run_job(node_settings(tmp_path, "b", local_store_url, bundles=False), *hooked)
+    assert warm["phases"][0]["bench_calls"] == 0 and warm["stats"]["hits"] == 2
+
+
+def test_moved_cache_hits_and_each_version_fact_misses(tmp_path: Path) -> None:
+    first = node_settings(tmp_path, "a", None)
+    assert run_job(first)["phases"][0]["bench_calls"] == COLD_CALLS
+    shutil.copytree(tmp_path / "a", tmp_path / "moved" / "deeper")
+
+    moved = node_settings(tmp_path / "moved", "deeper", None)
+    phases = ["", "triton=3.6.0", "backend=cuda-90-32-ptxas12.8", "configs=wider"]
+    result = run_job(moved, *[arg for spec in phases for arg in ("--phase", spec)])
+    calls = {p["spec"]: p["bench_calls"] for p in result["phases"]}
+    assert calls == {
+        "": 0,  # relocated local cache still hits
+        "triton=3.6.0": COLD_CALLS,
+        "backend=cuda-90-32-ptxas12.8": COLD_CALLS,
+        "configs=wider": 8,  # another candidate list (4 configs x 2 sizes): a miss
+    }
+    assert run_job(moved.replace(tag="v2"))["phases"][0]["bench_calls"] == COLD_CALLS
+
+
+# --- genuine kernel caches ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def triton_env(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Restore Triton's cache-manager knob after a test that installs ours."""
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    saved = knobs.cache.__dict__.get("manager_class")
+    yield monkeypatch
+    if saved is None:
+        knobs.cache.__dict__.pop("manager_class", None)
+    else:
+        knobs.cache.manager_class = saved
+
+
+def compile_add(cache_dir: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir))
+    return triton.compile(ASTSource(tk.add_kernel, tk.ADD_SIGNATURE, {"BLOCK": 64}), target=GPUTarget("cuda", 90, 32))
+
+
+def test_bundled_kernels_are_found_by_triton_at_another_path(tmp_path: Path, local_store_url: str, triton_env) -> None:  # noqa: ANN001
+    bt.install()
+    producer = node_settings(tmp_path, "a", local_store_url)
+    with bundler.compile_session(code="kernels v1", settings=producer) as s:
+        compiled = compile_add(producer.triton_cache_dir, triton_env)
+    names = {f.path.rsplit("/", 1)[-1] for f in s.pushed.manifest.files}
+    assert {"add_kernel.cubin", "add_kernel.ptx", "__grp__add_kernel.json"} <= names
+    shutil.rmtree(producer.triton_cache_dir)
+
+    consumer = node_settings(tmp_path, "b", local_store_url)
+    with bundler.compile_session(code="kernels v1", settings=consumer) as s:
+        assert s.hit
+    # Triton's own manager, not ours, must find the relocated group and every child.
+    knobs.cache.__dict__.pop("manager_class", None)
+    triton_env.setenv("TRITON_CACHE_DIR", str(consumer.triton_cache_dir))
+    key_dir = next(consumer.triton_cache_dir.iterdir()).name
+    group = FileCacheManager(key_dir).get_group("add_kernel.json")
+    assert group and all(p.startswith(str(consumer.triton_cache_dir)) for p in group.values())
+    mtimes = {p: p.stat().st_mtime_ns for p in consumer.triton_cache_dir.rglob("*")}
+    again = compile_add(consumer.triton_cache_dir, triton_env)
+    assert again.hash == compiled.hash
+    assert {p: p.stat().st_mtime_ns for p in consumer.triton_cache_dir.rglob("*")} == mtimes  # nothing recompiled
+
+
+def test_group_file_relocation_round_trip(tmp_path: Path) -> None:
+    original = {"child_paths": {"k.cubin": "/old/root/KEY/k.cubin", "k.json": "/old/root/KEY/k.json"}}
+    portable = triton_groups.to_portable(json.dumps(original).encode())
+    assert json.loads(portable)["child_paths"] == {"k.cubin": "k.cubin", "k.json": "k.json"}
+    local = triton_groups.GroupFileRewriter()("triton/KEY/__grp__k.json", portable, tmp_path / "KEY" / "__grp__k.json")
+    assert json.loads(local)["child_paths"]["k.cubin"] == str(tmp_path / "KEY" / "k.cubin")
+    assert triton_groups.GroupFileRewriter().wants("triton/KEY/__grp__k.json")
+    assert not triton_groups.GroupFileRewriter().wants("triton/KEY/k.json")
+
+
+@pytest.mark.parametrize("child", ["..", "", 7])
+def test_hostile_group_file_becomes_a_miss(child: object) -> None:
+    rewritten = triton_groups.to_local(json.dumps({"child_paths": {"k.cubin": child}}).encode(), "/cache/KEY")
+    assert json.loads(rewritten)["child_paths"] is None
+
+
+def test_group_file_cannot_point_outside_its_directory() -> None:
+    rewritten = triton_groups.to_local(json.dumps({"child_paths": {"x": "/etc/passwd"}}).encode(), "/cache/KEY")
+    assert json.loads(rewritten)["child_paths"] == {"x": "/cache/KEY/passwd"}
+
+
+def test_remote_cache_backend_through_tritons_remote_manager(tmp_path: Path, local_store_url: str,
+                                                            triton_env) -> None:  # noqa: ANN001
+    triton_env.setenv("BUNDLER_REMOTE", local_store_url)
+    triton_env.setenv("TRITON_REMOTE_CACHE_BACKEND",
+                      "bundler.integrations.triton_remote:StoreRemoteCacheBackend")
+    knobs.cache.manager_class = RemoteCacheManager
+    compile_add(tmp_path / "node-a", triton_env)
+    stored = [info.key for info in open_store(local_store_url).list("v1/triton/")]
+    assert any(key.endswith("add_kernel.cubin") for key in stored)
+    compile_add(tmp_path / "node-b", triton_env)  # an empty local cache: materialised from the store
+    assert list((tmp_path / "node-b").rglob("add_kernel.cubin"))
+    backend = StoreRemoteCacheBackend(stored[0].split("/")[2])
+    assert backend.get(["no-such-file"]) == {}
+
+
+def test_recording_manager_records_writes_and_hits(tmp_path: Path, triton_env) -> None:  # noqa: ANN001
+    from bundler import recording
+
+    triton_cache.install()
+    triton_cache.install()  # idempotent: wraps FileCacheManager once
+    assert triton_cache.RecordingCacheManager.inner_class is FileCacheManager
+    for expected in ("writes", "hits"):
+        with recording.attached(recording.Recorder()) as rec:
+            compile_add(tmp_path, triton_env)
+        names = rec.entries()
+        assert any(n.endswith("/add_kernel.cubin") for n in names), expected
+        group = next(v for n, v in names.items() if n.endswith("__grp__add_kernel.json"))
+        assert str(tmp_path) not in group.decode()  # recorded in portable form
