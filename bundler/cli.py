@@ -59,6 +59,19 @@ def atomic_output(path: str) -> Iterator[BinaryIO]:
         raise
 
 
+def relocator(args: argparse.Namespace):
+    """Triton group files hold absolute paths; rewrite them for where they land (unless --raw).
+
+    Without this, a Triton cache unpacked anywhere but its original path is silently cold: Triton
+    treats a group whose children are missing as a miss and recompiles every kernel.
+    """
+    if getattr(args, "raw", False):
+        return None
+    from bundler.integrations.triton_groups import GroupFileRewriter
+
+    return GroupFileRewriter()
+
+
 def _settings(args: argparse.Namespace):
     from bundler.config import Settings
 
@@ -86,7 +99,9 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     from bundler import archive
 
     with _open_input(args.file) as f:
-        man = archive.unpack(f, Path(args.into), expected_digest=args.digest, settings=_settings(args))
+        man = archive.unpack(
+            f, Path(args.into), expected_digest=args.digest, settings=_settings(args), rewrite=relocator(args)
+        )
     log.info("unpacked %d files (%d bytes) into %s", len(man.files), man.total_size, args.into)
     print(man.digest)
     return EXIT_OK
@@ -159,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="bundle file ('-' for stdin)")
     p.add_argument("--into", required=True, help="destination directory")
     p.add_argument("--digest", type=_digest, help="reject the bundle unless it has this digest")
+    add_raw_flag(p)
 
     p = command("verify", cmd_verify, "check a bundle file completely without extracting it")
     p.add_argument("file", help="bundle file ('-' for stdin)")
@@ -171,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_remote_commands(command)
     return parser
+
+
+def add_raw_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--raw", action="store_true",
+        help="write files exactly as bundled (by default Triton __grp__*.json paths are relocated)",
+    )
 
 
 def _add_remote_commands(command) -> None:

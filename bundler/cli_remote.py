@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bundler.cli import EXIT_OK, _digest, _settings, atomic_output
+from bundler.cli import EXIT_OK, _digest, _settings, add_raw_flag, atomic_output, relocator
 
 
 def _store(args: argparse.Namespace):
@@ -43,7 +43,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     with store:
         result = transfer.pull(
             store, Path(args.into), digest=args.digest, ref=args.ref, settings=settings,
-            progress=_progress(args, "pull"),
+            rewrite=relocator(args), progress=_progress(args, "pull"),
         )
     print(result.digest)
     return EXIT_OK
@@ -128,6 +128,7 @@ def add_commands(command) -> None:
     p = command("pull", cmd_pull, "download, verify and unpack a bundle into a directory")
     target(p)
     p.add_argument("--into", required=True, help="destination directory")
+    add_raw_flag(p)
     remote(p)
 
     p = command("export", cmd_export, "save a bundle from the store to a file, for offline transfer")
