@@ -123,6 +123,7 @@ class CompileSession:
                 ref=self.ref_name,
                 settings=self.settings,
                 rewrite=GroupFileRewriter(),
+                node_state=self.settings.cache_dir / "pulled",
             )
         except NotFoundError:
             log.info("compile %s: no bundle yet; compiling, and the result will be pushed", self.key[:12])

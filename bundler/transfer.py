@@ -8,17 +8,21 @@ while the bytes arrive, nothing visible until all of it checked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import tempfile
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from bundler import archive, refs
+from bundler import manifest as manifest_format
 from bundler.config import Settings
-from bundler.errors import ConfigError
+from bundler.errors import BundleError, ConfigError
 from bundler.manifest import Manifest
-from bundler.placement import Destination
+from bundler.placement import Destination, Placement
 from bundler.progress import NULL_PROGRESS, Progress
 from bundler.refs import Ref, read_ref
 from bundler.stores import layout
@@ -114,10 +118,37 @@ def pull(
     settings: Settings | None = None,
     rewrite: archive.Rewriter | None = None,
     progress: Progress = NULL_PROGRESS,
+    node_state: Path | None = None,
 ) -> PullResult:
-    """Stream a bundle from the store into ``dest``, verifying every byte against its digest."""
+    """Stream a bundle from the store into ``dest``, verifying every byte against its digest.
+
+    ``node_state``: a folder shared by the processes of one machine (the 8 ranks of a node start
+    together). With it, one process downloads while the others wait on a file lock, then find the
+    bundle already in place and download nothing. The lock only saves work: correctness never
+    depends on it (unpacking is atomic per file), so a filesystem where locks silently succeed
+    costs duplicate downloads, not broken caches.
+    """
     settings = settings or Settings.from_env()
     digest, found = _resolve(store, digest, ref, settings)
+    if node_state is None:
+        return PullResult(digest, _download(store, dest, digest, found, settings, rewrite, progress), found)
+    from filelock import FileLock
+
+    node_state.mkdir(parents=True, exist_ok=True)
+    remaining = max(1.0, settings.pull_budget)
+    with FileLock(str(node_state / f"{digest}.lock"), timeout=remaining):
+        done = node_state / f"{digest}.manifest.json"
+        man = _already_unpacked(done, dest, settings)
+        if man is not None:
+            log.info("bundle %s already unpacked on this machine; not downloading it again", digest)
+            return PullResult(digest, man, found)
+        man = _download(store, dest, digest, found, settings, rewrite, progress)
+        _write_atomically(done, man.encode())
+    return PullResult(digest, man, found)
+
+
+def _download(store: Store, dest: Destination, digest: str, found: Ref | None, settings: Settings,
+              rewrite: archive.Rewriter | None, progress: Progress) -> Manifest:
     progress.start(total=found.size if found else None)
     try:
         with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
@@ -125,7 +156,30 @@ def pull(
     finally:
         progress.close()
     log.info("pulled bundle %s: %d files, %d bytes", digest, len(man.files), man.total_size)
-    return PullResult(digest, man, found)
+    return man
+
+
+def _already_unpacked(done: Path, dest: Destination, settings: Settings) -> Manifest | None:
+    """The manifest of an earlier unpack on this machine, if every one of its files is still there."""
+    try:
+        man = manifest_format.decode(done.read_bytes(), max_members=settings.max_members)
+        placement = Placement(dest)
+        if all(placement.target(record.path)[1].is_file() for record in man.files):
+            return man
+    except (OSError, BundleError):
+        pass
+    return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("could not record %s (%s); the next process downloads again", path, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 class _Tee:

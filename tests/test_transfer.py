@@ -155,3 +155,40 @@ def test_download_broken_once_is_resumed_and_verified(moto_endpoint, s3_bucket, 
         assert snapshot(tmp_path / "dest") == snapshot(src)
     finally:
         proxy.close()
+
+
+class _CountingStore:
+    """Wraps a store and counts bundle downloads, to see work that a lock saved."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.bundle_reads = 0
+
+    def open_read(self, key, **kwargs):
+        if key.startswith(layout.BUNDLES):
+            self.bundle_reads += 1
+        return self._inner.open_read(key, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_processes_of_one_node_download_a_bundle_once(tmp_path, src, small_settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = _CountingStore(open_store((tmp_path / "store").as_uri(), small_settings))
+    pushed = transfer.push(store._inner, src, ref="r", settings=small_settings)
+    node = tmp_path / "node-state"
+
+    def rank(_):
+        return transfer.pull(store, tmp_path / "cache", ref="r", settings=small_settings, node_state=node)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(rank, range(4)))
+    assert {r.digest for r in results} == {pushed.digest}
+    assert store.bundle_reads == 1
+    assert snapshot(tmp_path / "cache") == snapshot(src)
+
+    (tmp_path / "cache/k3/kernel.cubin").unlink()  # someone cleaned part of the cache
+    transfer.pull(store, tmp_path / "cache", ref="r", settings=small_settings, node_state=node)
+    assert store.bundle_reads == 2 and snapshot(tmp_path / "cache") == snapshot(src)
