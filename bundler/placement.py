@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,13 +50,18 @@ class Placement:
         else:
             self._roots = {None: Path(dest)}
         self._staging: dict[Path, str] = {}
-        self._moves: list[tuple[str, Path, Path]] = []  # staged file, root, final target
+        self._moves: list[tuple[str, Path, str]] = []  # staged file, root, final target
 
     def target(self, name: str) -> tuple[Path, Path]:
         """The root and final path of member ``name`` (already checked by manifest.check_path)."""
+        root, path = self._target(name)
+        return root, Path(path)
+
+    def _target(self, name: str) -> tuple[Path, str]:
+        # Plain strings on this per-file path: pathlib's overhead showed up in unpack profiles.
         if None in self._roots:
             root = self._roots[None]
-            return root, root.joinpath(*name.split("/"))
+            return root, os.path.join(root, name)
         top, _, rest = name.partition("/")
         root = self._roots.get(top)
         if root is None or not rest:
@@ -63,11 +69,11 @@ class Placement:
             raise UnsafeMemberError(
                 f"member {name!r} is outside the folders this bundle may unpack into ({known})"
             )
-        return root, root.joinpath(*rest.split("/"))
+        return root, os.path.join(root, rest)
 
     def stage(self, name: str) -> tuple[str, Path]:
         """A fresh staging path for member ``name``, and its final target."""
-        root, target = self.target(name)
+        root, target = self._target(name)
         staging = self._staging.get(root)
         if staging is None:
             try:
@@ -78,17 +84,18 @@ class Placement:
             self._staging[root] = staging
         staged = os.path.join(staging, str(len(self._moves)))
         self._moves.append((staged, root, target))
-        return staged, target
+        return staged, Path(target)
 
     def commit(self) -> None:
         """Check every target, then move all staged files into place."""
         self._check_targets()
-        made: set[Path] = set()
+        made: set[str] = set()
+        target = ""
         try:
             for staged, _root, target in self._moves:
-                parent = target.parent
+                parent = os.path.dirname(target)
                 if parent not in made:
-                    parent.mkdir(parents=True, exist_ok=True)
+                    os.makedirs(parent, exist_ok=True)
                     made.add(parent)
                 os.replace(staged, target)
         except OSError as exc:
@@ -104,12 +111,17 @@ class Placement:
 
     def _check_targets(self) -> None:
         real_roots = {root: os.path.realpath(root) for root in {r for _, r, _ in self._moves}}
-        checked: set[Path] = set()
+        checked: set[str] = set()
         for _staged, root, target in self._moves:
-            if target.parent not in checked:
-                _check_parent(root, real_roots[root], target)
-                checked.add(target.parent)
-            if target.is_dir() and not target.is_symlink():
+            parent = os.path.dirname(target)
+            if parent not in checked:
+                _check_parent(root, real_roots[root], Path(target))
+                checked.add(parent)
+            try:
+                mode = os.lstat(target).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(mode):
                 raise UnsafeMemberError(f"{target} is a directory, but the bundle has a file there")
 
 
