@@ -47,6 +47,13 @@ _CHUNK = 1 << 20
 #: Compressed member data is spooled in memory up to this size while the manifest is computed.
 _SPOOL_IN_MEMORY = 256 << 20
 _JOB_SIZE = 16 << 20
+#: Manifest size allowed per permitted member: an entry is ~130 bytes plus its path.
+_MANIFEST_BYTES_PER_MEMBER = 256
+#: Tar pads its end with zero blocks; GNU tar rounds archives up to 10 KiB records. Anything
+#: beyond this much padding is not padding, and decompressing it would only burn CPU.
+_MAX_TRAILING_ZEROS = 64 << 10
+#: Members a rewriter wants (Triton group files) are buffered whole; real ones are a few KB.
+_MAX_REWRITTEN_MEMBER = 1 << 20
 _WHOLE_FILE = 64 << 20
 _BATCH = 1 << 20
 
@@ -341,10 +348,12 @@ class _Decompressed:
     def read(self, size: int) -> bytes:
         return b"".join(self.pieces(size))
 
-    def rest_is_zero(self) -> bool:
-        """Consume everything left; tar pads its end with zero blocks, anything else is garbage."""
+    def rest_is_zero(self, limit: int) -> bool:
+        """Consume what is left: at most ``limit`` bytes of zero padding, nothing else."""
+        seen = 0
         while True:
-            if any(self._view.tobytes().strip(b"\0")):
+            seen += len(self._view)
+            if seen > limit or self._view.tobytes().strip(b"\0"):
                 return False
             self._view = memoryview(b"")
             if not self._next():
@@ -389,18 +398,26 @@ def _read_manifest(src: _Decompressed, settings: Settings, expected_digest: str 
         raise ManifestError(
             f"the first member must be {MANIFEST_NAME}, found {found}; not a kernel-bundler bundle"
         )
-    limit = max(1 << 20, settings.max_members * 1024)
+    limit = max(1 << 20, settings.max_members * _MANIFEST_BYTES_PER_MEMBER)
     if header.size > limit:
-        raise LimitExceededError(f"{MANIFEST_NAME} is {header.size} bytes, over the limit of {limit}")
-    data = src.read(header.size)
+        raise LimitExceededError(
+            f"{MANIFEST_NAME} is {header.size} bytes, over the limit of {limit} for "
+            f"{settings.max_members} members; raise BUNDLER_MAX_MEMBERS if the bundle is trusted"
+        )
+    hasher = hashlib.sha256()
+    pieces = []
+    for piece in src.pieces(header.size):
+        hasher.update(piece)
+        pieces.append(bytes(piece))
     src.read(tarformat.padding(header.size))
-    digest = hashlib.sha256(data).hexdigest()
+    digest = hasher.hexdigest()
     if expected_digest is not None and digest != expected_digest:
         raise IntegrityError(
             f"the bundle's manifest hashes to {digest}, not the requested {expected_digest}: "
             "the object is corrupt or was replaced; delete it from the store and push it again"
         )
-    man = manifest.decode(data, max_members=settings.max_members)
+    # Only now, with the digest checked when one was asked for, is the manifest parsed.
+    man = manifest.decode(b"".join(pieces), max_members=settings.max_members)
     if man.total_size > settings.max_bundle_bytes:
         raise LimitExceededError(
             f"the bundle unpacks to {man.total_size} bytes, over the limit of {settings.max_bundle_bytes}; "
@@ -439,7 +456,7 @@ def _members(src: _Decompressed, man: Manifest) -> Iterator[tuple[FileRecord, It
             raise UnsafeMemberError(f"member {header.name!r} appears twice in the bundle")
         raise UnsafeMemberError(f"member {header.name!r} is not in the manifest")
     src.read(tarformat.BLOCK)  # second end-of-archive block
-    if not src.rest_is_zero():
+    if not src.rest_is_zero(_MAX_TRAILING_ZEROS):
         raise NotABundleError("the bundle has data after the end of the tar archive")
 
 
@@ -448,22 +465,28 @@ def _check_hash(record: FileRecord, digest: hashlib._Hash) -> None:
         raise IntegrityError(f"member {record.path!r} does not match its sha256 in the manifest")
 
 
-def _write_member(staged: str, pieces: Iterator[memoryview], record: FileRecord) -> None:
-    digest = hashlib.sha256()
+def _write_member(staged: str, pieces: Iterator[memoryview], name: str, record: FileRecord | None = None) -> None:
+    """Write one member to its staging file, checking it against ``record`` on the way.
+
+    ``record`` is None only for bytes that were verified before a rewriter changed them.
+    """
+    digest = hashlib.sha256() if record is not None else None
     try:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as exc:
         raise _local_error(exc, "write", staged) from exc
     try:
         for piece in pieces:
-            digest.update(piece)
+            if digest is not None:
+                digest.update(piece)
             while piece:
                 piece = piece[os.write(fd, piece) :]
     except OSError as exc:
-        raise _local_error(exc, f"write member {record.path!r} to", staged) from exc
+        raise _local_error(exc, f"write member {name!r} to", staged) from exc
     finally:
         os.close(fd)
-    _check_hash(record, digest)
+    if record is not None:
+        _check_hash(record, digest)
 
 
 def _read_checked(pieces: Iterator[memoryview], record: FileRecord) -> bytes:
@@ -475,9 +498,7 @@ def _read_checked(pieces: Iterator[memoryview], record: FileRecord) -> bytes:
 def _open(stream: BinaryIO, settings: Settings | None, expected_digest: str | None):
     settings = settings or Settings.from_env()
     if expected_digest is not None:
-        from bundler.stores.layout import check_digest
-
-        check_digest(expected_digest)
+        manifest.check_digest(expected_digest)
     src = _Decompressed(stream, settings.max_window_log)
     return src, settings
 
@@ -503,14 +524,15 @@ def unpack(
         for record, pieces in _members(src, man):
             staged, target = placement.stage(record.path)
             if rewrite is not None and rewrite.wants(record.path):
+                if record.size > _MAX_REWRITTEN_MEMBER:
+                    raise LimitExceededError(
+                        f"member {record.path!r} is {record.size} bytes; files of its kind are small, "
+                        "so the bundle is not a plausible cache"
+                    )
                 data = rewrite(record.path, _read_checked(pieces, record), target)
-                _write_member(
-                    staged,
-                    iter([memoryview(data)]),
-                    FileRecord(record.path, len(data), hashlib.sha256(data).hexdigest()),
-                )
+                _write_member(staged, iter([memoryview(data)]), record.path)
             else:
-                _write_member(staged, pieces, record)
+                _write_member(staged, pieces, record.path, record)
         placement.commit()
         return man
     finally:
@@ -547,7 +569,7 @@ def read_manifest(stream: BinaryIO, *, settings: Settings | None = None) -> Mani
 def iter_files(
     stream: BinaryIO, *, expected_digest: str | None = None, settings: Settings | None = None
 ) -> Iterator[tuple[FileRecord, bytes]]:
-    """Each verified member with its bytes, for callers that consume small bundles in memory."""
+    """Each verified member with its bytes, for small bundles consumed in memory (inspection, tests)."""
     src, settings = _open(stream, settings, expected_digest)
     try:
         man = _read_manifest(src, settings, expected_digest)
@@ -555,4 +577,3 @@ def iter_files(
             yield record, _read_checked(pieces, record)
     finally:
         src.close()
-

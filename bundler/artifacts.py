@@ -17,8 +17,8 @@ import logging
 
 from bundler import archive, recording
 from bundler.config import Settings
-from bundler.integrations.triton_groups import GroupFileRewriter
 from bundler.manifest import Manifest
+from bundler.relocate import GroupFileRewriter
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def save_artifacts(*, settings: Settings | None = None) -> bytes:
     """A bundle (bytes) of every cache entry this process recorded; an empty bundle if none."""
     settings = settings if settings is not None else Settings.from_env()
-    entries = recording.readable(recording.process_entries())
+    entries = recording.still_existing(recording.process_entries())
     out = io.BytesIO()
     result = archive.pack(entries, out, settings=settings)
     log.info("saved %d cache artifacts (%d bytes, bundle %s)", len(entries), result.compressed_size,

@@ -14,8 +14,14 @@ writes the winner. Differences, and why:
   changed config list is a miss that says so in the log instead of a silent new key.
 * Config kwargs are stored under their own ``"kwargs"`` key, so a kernel parameter called
   ``num_warps`` cannot be confused with the launch option.
-* The remote side is best effort: a store error is one logged warning and a miss, and it turns the
-  remote off for the rest of the process, so a dead endpoint costs one timeout, not one per kernel.
+* The remote side is best effort: a store error is one logged warning and a miss, and it trips
+  the remote's read or write breaker (``bundler.stores.shared``), so a dead endpoint costs one
+  timeout, not one per kernel, and a denied write does not stop reads.
+* With ``BUNDLER_SIGNING_KEY`` set, records are signed when saved (the signature covers the record
+  and its key, so it cannot be copied to another kernel) and a remote record without a valid
+  signature is a miss: a winner is only a launch configuration, but whoever can write the bucket
+  should not choose what every node runs (DESIGN.md, threat model). Local records are the node's
+  own and bundles are covered by their signed refs, so those are not checked.
 
 Local records live in ``<cache_dir>/autotune/<key>.json`` (written to a temp file and renamed into
 place), remote ones under ``v1/autotune/<key>.json``. Every record saved or hit is also recorded
@@ -28,7 +34,6 @@ with the class of the candidates the caller passed in.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import json
 import logging
@@ -39,10 +44,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bundler import keys, recording
+from bundler import keys, recording, signing
 from bundler.config import Settings
-from bundler.errors import NotFoundError
-from bundler.stores import layout
+from bundler.errors import ConfigError, NotFoundError
+from bundler.stores import layout, shared
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +125,15 @@ _stats = AutotuneStats()
 _stats_lock = threading.Lock()
 
 
+def _new_stats_lock() -> None:
+    # A forked child (a DataLoader worker) must not inherit a lock a parent thread held.
+    global _stats_lock
+    _stats_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_stats_lock)
+
+
 def stats() -> AutotuneStats:
     """A snapshot of this process's autotune cache counters."""
     with _stats_lock:
@@ -130,49 +144,6 @@ def _count(**deltas: int) -> None:
     with _stats_lock:
         for name, delta in deltas.items():
             setattr(_stats, name, getattr(_stats, name) + delta)
-
-
-# --- the remote side ---------------------------------------------------------------------------------
-
-_broken_remotes: set[str] = set()
-
-
-@functools.lru_cache(maxsize=8)
-def shared_store(settings: Settings) -> Any:
-    """The store of ``settings.remote``, opened once per process (an S3 client costs tens of ms).
-
-    Shared by every AutotuneCache and compile session; forgotten in forked children.
-    """
-    from bundler.stores import open_store
-
-    return open_store(settings.remote, settings)
-
-
-def _forget_stores() -> None:
-    shared_store.cache_clear()
-
-
-# A forked worker must not share the parent's HTTP connection pool.
-os.register_at_fork(after_in_child=_forget_stores)
-
-
-def remote_usable(settings: Settings) -> bool:
-    """False once a store error was seen for ``settings.remote`` in this process."""
-    return bool(settings.remote) and settings.remote not in _broken_remotes
-
-
-def remote_failed(settings: Settings, action: str, key: str, exc: BaseException) -> None:
-    """Log a store failure once and stop using that remote for per-kernel lookups.
-
-    A circuit breaker: without it, a dead endpoint would cost one full timeout per kernel.
-    """
-    if settings.remote not in _broken_remotes:
-        log.warning(
-            "could not %s %s in %s (%s: %s); per-kernel remote caching is off for the rest of this "
-            "process and kernels are tuned and compiled as if it were empty",
-            action, key, settings.remote, type(exc).__name__, exc,
-        )
-    _broken_remotes.add(str(settings.remote))
 
 
 # --- the cache ---------------------------------------------------------------------------------------
@@ -203,7 +174,12 @@ class AutotuneCache:
         key). ``filename``: the kernel's source file; only its basename is used, so the same
         kernel hits from any checkout path.
         """
-        settings = settings if settings is not None else Settings.from_env()
+        if settings is None:
+            try:
+                settings = Settings.from_env()
+            except ConfigError as exc:
+                log.warning("autotune cache off: %s", exc)
+                return None
         cache = cls(cls.make_key(meta, filename, settings), configs_hash, settings)
         return cache if cache.local_enabled or cache.remote_enabled else None
 
@@ -242,7 +218,11 @@ class AutotuneCache:
         is a miss: tuning again is always safe, loading the wrong config is not.
         """
         record = self._read()
-        best = self._select(record, configs) if record is not None else None
+        try:
+            best = self._select(record, configs) if record is not None else None
+        except (TypeError, ValueError) as exc:  # well-typed, yet unusable here (e.g. unknown options)
+            log.warning("autotune cache %s: the stored config cannot be used (%s); tuning again", self.key[:12], exc)
+            best = None
         if best is None:
             _count(misses=1)
             return None
@@ -279,7 +259,7 @@ class AutotuneCache:
             data = self._read_remote()
             if data is not None:
                 record = _parse(data, self.settings.remote)
-                if record is not None:
+                if record is not None and self._trusted(record):
                     recording.record(self.member_name, data)
                     if self.local_enabled:
                         self._write_local(data)
@@ -295,16 +275,33 @@ class AutotuneCache:
             log.warning("autotune cache: cannot read %s (%s); treating it as a miss", self.local_path, exc)
             return None
 
+    def _trusted(self, record: Mapping[str, Any]) -> bool:
+        """A remote record is trusted when no signing key is set or its signature checks out."""
+        key = self.settings.signing_key
+        if not key or signing.verify(self._signed_body(record), record.get("signature"), key):
+            return True
+        remote = str(self.settings.remote)
+        if remote not in _unsigned_warned:
+            _unsigned_warned.add(remote)
+            log.warning("autotune cache: record %s in %s is unsigned or wrongly signed, and BUNDLER_SIGNING_KEY "
+                        "is set: ignoring it (and, quietly, any other such record); the kernel is tuned again",
+                        self.key[:12], remote)
+        return False
+
+    def _signed_body(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """What a record's signature covers: the record and the key it was saved under."""
+        return {"name": self.key, "record": {k: v for k, v in record.items() if k != "signature"}}
+
     def _read_remote(self) -> bytes | None:
-        if not remote_usable(self.settings):
+        if not shared.remote_usable(self.settings, "read"):
             return None
         key = layout.autotune_key(self.key)
         try:
-            return shared_store(self.settings).read_bytes(key)
+            return shared.shared_store(self.settings).read_bytes(key)
         except NotFoundError:
             return None
         except Exception as exc:  # the cache is an accelerator: no store failure reaches the job
-            remote_failed(self.settings, "read", key, exc)
+            shared.remote_failed(self.settings, "read", key, exc)
             return None
 
     # writing -------------------------------------------------------------------------------------
@@ -327,17 +324,19 @@ class AutotuneCache:
             "time_taken_ns": int(time_taken_ns),
             "triton_cache_hash": triton_cache_hash,
         }
+        if self.settings.signing_key:
+            record["signature"] = signing.sign(self._signed_body(record), self.settings.signing_key)
         data = json.dumps(record, sort_keys=True, indent=1).encode("utf-8")
         recording.record(self.member_name, data)
         _count(saves=1)
         if self.local_enabled:
             self._write_local(data)
-        if self.remote_enabled and remote_usable(self.settings):
+        if self.remote_enabled and shared.remote_usable(self.settings, "write"):
             key = layout.autotune_key(self.key)
             try:
-                shared_store(self.settings).write_bytes(key, data)
+                shared.shared_store(self.settings).write_bytes(key, data)
             except Exception as exc:
-                remote_failed(self.settings, "write", key, exc)
+                shared.remote_failed(self.settings, "write", key, exc)
 
     def _write_local(self, data: bytes) -> None:
         """Temp file in the same directory, then ``os.replace``: readers see all of it or nothing."""
@@ -370,13 +369,29 @@ class AutotuneCache:
         return f"AutotuneCache(key={self.key[:12]}..., local={self.local_enabled}, remote={self.remote_enabled})"
 
 
+# Optional record fields and their JSON types; a record that breaks them is foreign or corrupt.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "fields": dict,
+    "configs_hash": str,
+    "found_by_coordesc": bool,
+    "time_taken_ns": int,
+    "triton_cache_hash": (str, type(None)),
+    "signature": str,
+}
+
+# Remotes whose unsigned records were already warned about (one warning per process each).
+_unsigned_warned: set[str] = set()
+
+
 def _parse(data: bytes, where: object) -> dict[str, Any] | None:
+    """The record in ``data`` if it is one of ours with every field of the right type, else None."""
     try:
         record = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         record = None
     if not (isinstance(record, dict) and record.get("format") == RECORD_FORMAT
-            and record.get("version") == RECORD_VERSION and isinstance(record.get("kwargs"), dict)):
+            and record.get("version") == RECORD_VERSION and isinstance(record.get("kwargs"), dict)
+            and all(isinstance(record[name], kind) for name, kind in _FIELD_TYPES.items() if name in record)):
         log.warning("autotune cache: ignoring an unreadable or foreign record from %s", where)
         return None
     return record

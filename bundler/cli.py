@@ -48,7 +48,12 @@ def atomic_output(path: str) -> Iterator[BinaryIO]:
         yield sys.stdout.buffer
         return
     target = Path(path)
+    if not target.parent.is_dir():
+        raise BundlerError(f"cannot write {path}: folder {target.parent} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent or ".")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a bundle is meant to be shared
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -72,6 +77,11 @@ def relocator(args: argparse.Namespace):
     return GroupFileRewriter()
 
 
+def _print_digest(digest: str, output: str) -> None:
+    """The digest goes to stdout, unless stdout carries the bundle itself (``-o -``)."""
+    print(digest, file=sys.stderr if output == "-" else sys.stdout)
+
+
 def _settings(args: argparse.Namespace):
     from bundler.config import Settings
 
@@ -89,9 +99,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     with atomic_output(args.output) as out:
         result = archive.pack(Path(args.dir), out, settings=_settings(args))
+    _print_digest(result.digest, args.output)
     log.info("packed %d files (%d bytes) into %s (%d bytes)", len(result.manifest.files),
              result.manifest.total_size, args.output, result.compressed_size)
-    print(result.digest)
     return EXIT_OK
 
 
@@ -142,7 +152,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _digest(value: str) -> str:
-    from bundler.stores.layout import check_digest
+    from bundler.manifest import check_digest
 
     try:
         return check_digest(value.lower())
@@ -156,12 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pack, verify and ship GPU compile caches as content-addressed bundles.",
     )
     parser.add_argument("--version", action="version", version=f"kernel-bundler {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    _add_output_flags(parser, verbose=0, quiet=False)
+    # A subcommand's flags default to SUPPRESS so they do not overwrite what came before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_output_flags(common, verbose=argparse.SUPPRESS, quiet=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
         p.set_defaults(func=func)
         return p
 
@@ -187,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_remote_commands(command)
     return parser
+
+
+def _add_output_flags(p: argparse.ArgumentParser, *, verbose: object, quiet: object) -> None:
+    """-v/-q, accepted before or after the command."""
+    p.add_argument("-v", "--verbose", action="count", default=verbose, help="more log output (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", default=quiet, help="only errors; no progress bars")
 
 
 def add_raw_flag(p: argparse.ArgumentParser) -> None:
@@ -221,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BundlerError as exc:
         print(f"bundler: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"bundler: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("bundler: interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bundler.cli import EXIT_OK, _digest, _settings, add_raw_flag, atomic_output, relocator
+from bundler.cli import EXIT_OK, _digest, _print_digest, _settings, add_raw_flag, atomic_output, relocator
 
 
 def _store(args: argparse.Namespace):
@@ -20,10 +20,10 @@ def _store(args: argparse.Namespace):
     return open_store(args.remote, settings), settings
 
 
-def _progress(args: argparse.Namespace, description: str, total: int | None = None):
+def _progress(args: argparse.Namespace, description: str):
     from bundler.progress import for_transfer
 
-    return for_transfer(description, total, quiet=args.quiet)
+    return for_transfer(description, quiet=args.quiet)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         man = transfer.export(
             store, out, digest=args.digest, ref=args.ref, settings=settings, progress=_progress(args, "export")
         )
-    print(man.digest)
+    _print_digest(man.digest, args.output)
     return EXIT_OK
 
 

@@ -104,7 +104,8 @@ class Settings:
         tag (``BUNDLER_TAG``): user salt mixed into every key; change it to invalidate everything.
         local_cache (``BUNDLER_LOCAL_CACHE``): per-kernel autotune records on local disk.
         remote_autotune (``BUNDLER_REMOTE_AUTOTUNE``): per-kernel autotune records in the store.
-        bundles (``BUNDLER_BUNDLES``): per-compile bundles; requires the local cache.
+        bundles (``BUNDLER_BUNDLES``): per-compile bundles; requires the local cache, and follows
+            ``BUNDLER_LOCAL_CACHE`` when unset.
         pull_budget (``BUNDLER_PULL_BUDGET``, seconds): the most ``begin_compile`` may spend fetching
             before it gives up and lets the job compile.
     """
@@ -135,6 +136,9 @@ class Settings:
     pull_budget: float = 60.0
 
     def __post_init__(self) -> None:
+        # Callers pass plain strings too; the rest of the code joins paths with ``/``.
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        object.__setattr__(self, "triton_cache_dir", Path(self.triton_cache_dir))
         if self.bundles and not self.local_cache:
             raise ConfigError(
                 "BUNDLER_BUNDLES=1 needs BUNDLER_LOCAL_CACHE=1: bundles unpack into the local cache; "
@@ -164,6 +168,10 @@ class Settings:
                 continue
             values[field.name] = _PARSERS[field.name](var, raw)
         values.update(overrides)
+        if "local_cache" in values:
+            # Bundles need the local cache, so BUNDLER_LOCAL_CACHE=0 alone turns them off too
+            # instead of being a contradiction the user must resolve with a second variable.
+            values.setdefault("bundles", values["local_cache"])
         return cls(**values)  # type: ignore[arg-type]
 
     def replace(self, **changes: object) -> Settings:

@@ -24,7 +24,6 @@ import logging
 import platform
 import re
 import tokenize
-from pathlib import Path
 
 from bundler.manifest import FORMAT_VERSION
 
@@ -34,28 +33,10 @@ log = logging.getLogger(__name__)
 #: so a format change never reads an old bundle.
 BUNDLE_FORMAT_VERSION = FORMAT_VERSION
 
-_CHUNK = 1 << 20
 _COMMENT = re.compile(r"#.*$", re.MULTILINE)
 
 
 # --- content hashes ------------------------------------------------------------------------------
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_text(text: str) -> str:
-    return sha256_bytes(text.encode("utf-8"))
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hash a file in 1 MiB chunks, so a large cubin or pickle is never held whole in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hash_parts(*parts: str) -> str:

@@ -15,7 +15,9 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from bundler.errors import LimitExceededError, ManifestError, UnsafeMemberError
+from bundler.errors import ConfigError, LimitExceededError, ManifestError, UnsafeMemberError
+
+_HEX = frozenset("0123456789abcdef")
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "MANIFEST.json"
@@ -106,9 +108,23 @@ def check_path(path: str) -> str:
 
 
 def _check_unique(files: tuple[FileRecord, ...]) -> None:
+    """No path twice, and no path that is both a file and a folder (``a`` and ``a/b``).
+
+    The second would make unpacking fail half-way, after ``a`` was already in place. Files are
+    sorted, so a conflicting pair always sits side by side.
+    """
     for before, after in itertools.pairwise(files):
         if before.path == after.path:
             raise ManifestError(f"manifest lists {after.path!r} twice")
+        if after.path.startswith(before.path + "/"):
+            raise UnsafeMemberError(f"{before.path!r} is both a file and a folder (it holds {after.path!r})")
+
+
+def check_digest(digest: str) -> str:
+    """A bundle digest is the manifest's sha256 in lowercase hex."""
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in _HEX for c in digest)):
+        raise ConfigError(f"{digest!r} is not a bundle digest: expected 64 lowercase hex characters")
+    return digest
 
 
 def decode(data: bytes, *, max_members: int) -> Manifest:
@@ -142,7 +158,7 @@ def decode(data: bytes, *, max_members: int) -> Manifest:
             raise ManifestError(f"{MANIFEST_NAME} has a malformed file entry: {item!r:.200}") from None
         if not (
             isinstance(record.path, str)
-            and isinstance(record.size, int)
+            and type(record.size) is int
             and record.size >= 0
             and isinstance(record.sha256, str)
             and len(record.sha256) == 64
@@ -156,4 +172,8 @@ def decode(data: bytes, *, max_members: int) -> Manifest:
             f"{MANIFEST_NAME} files are not sorted by path; it was not written by kernel-bundler"
         )
     _check_unique(manifest.files)
+    if manifest.encode() != data:
+        # One file set must have one digest: extra keys, spacing or another key order would give
+        # the same files a second name and defeat deduplication by digest.
+        raise ManifestError(f"{MANIFEST_NAME} is not in canonical form; it was not written by kernel-bundler")
     return manifest

@@ -16,14 +16,18 @@ Steps, and why each exists:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from bundler.errors import LocalCacheError, UnsafeMemberError
+
+log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".bundler-staging-"
 
@@ -50,6 +54,7 @@ class Placement:
         else:
             self._roots = {None: Path(dest)}
         self._staging: dict[Path, str] = {}
+        self._created: list[str] = []  # folders this placement made, outermost first
         self._moves: list[tuple[str, Path, str]] = []  # staged file, root, final target
 
     def target(self, name: str) -> tuple[Path, Path]:
@@ -77,7 +82,9 @@ class Placement:
         staging = self._staging.get(root)
         if staging is None:
             try:
+                self._created.extend(_missing_folders(root))
                 root.mkdir(parents=True, exist_ok=True)
+                _sweep_stale_staging(root)
                 staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
             except OSError as exc:
                 raise _local_error(exc, "create a staging folder in", str(root)) from exc
@@ -104,10 +111,20 @@ class Placement:
             self.abort()
 
     def abort(self) -> None:
-        """Remove staging folders; safe to call more than once."""
+        """Remove staging folders, and folders we made that stayed empty; safe to call twice.
+
+        After a rejected bundle the filesystem is exactly as before, down to the destination
+        folder itself when it did not exist.
+        """
         for staging in self._staging.values():
             shutil.rmtree(staging, ignore_errors=True)
         self._staging.clear()
+        for folder in reversed(self._created):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break  # not empty (files were placed) or gone: leave it and its parents
+        self._created.clear()
 
     def _check_targets(self) -> None:
         real_roots = {root: os.path.realpath(root) for root in {r for _, r, _ in self._moves}}
@@ -123,6 +140,34 @@ class Placement:
                 continue
             if stat.S_ISDIR(mode):
                 raise UnsafeMemberError(f"{target} is a directory, but the bundle has a file there")
+
+
+def _missing_folders(root: Path) -> list[str]:
+    missing = []
+    current = os.path.abspath(root)
+    while not os.path.lexists(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return missing[::-1]
+
+
+#: Staging folders older than this were left by a killed process (OOM, SIGKILL) and are removed.
+STALE_STAGING_SECONDS = 3600
+
+
+def _sweep_stale_staging(root: Path) -> None:
+    cutoff = time.time() - STALE_STAGING_SECONDS
+    try:
+        with os.scandir(root) as entries:
+            stale = [e.path for e in entries if e.name.startswith(STAGING_PREFIX) and e.stat().st_mtime < cutoff]
+    except OSError:
+        return
+    for path in stale:
+        log.info("removing %s, left behind by an interrupted unpack", path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_parent(root: Path, real_root: str, target: Path) -> None:

@@ -7,7 +7,9 @@ watch, nothing in CI or in a training process's log.
 
 from __future__ import annotations
 
+import shutil
 import sys
+import threading
 from typing import Any
 
 
@@ -31,41 +33,46 @@ MIN_BAR_BYTES = 4 << 20
 
 
 class BarProgress(Progress):
-    """A tqdm bar on stderr; tqdm is imported only when a bar is actually drawn."""
+    """A tqdm bar on stderr; tqdm is imported only when a bar is actually drawn.
 
-    def __init__(self, description: str, total: int | None = None) -> None:
+    The size is often known only when the store starts the transfer, so the decision to draw
+    is taken in ``start``: transfers under ``MIN_BAR_BYTES`` stay silent. Multipart and ranged
+    transfers update from worker threads, hence the lock.
+    """
+
+    def __init__(self, description: str) -> None:
         self._description = description
-        self._total = total
         self._bar: Any = None
+        self._lock = threading.Lock()
 
     def start(self, total: int | None = None, **kwargs: Any) -> None:
-        from tqdm import tqdm
+        with self._lock:
+            if self._bar is not None or (total is not None and total < MIN_BAR_BYTES):
+                return
+            from tqdm import tqdm
 
-        self._bar = tqdm(
-            total=total if total is not None else self._total,
-            desc=self._description,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-            leave=False,
-        )
+            # A terminal that reports a 0x0 size (fresh ptys, some CI runners) makes tqdm draw
+            # nothing at all; shutil falls back to 80x24 there.
+            size = shutil.get_terminal_size(fallback=(80, 24))
+            self._bar = tqdm(
+                total=total, desc=self._description, unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, leave=False, ncols=size.columns, nrows=size.lines,
+            )
 
     def update(self, n: int, **kwargs: Any) -> None:
-        if self._bar is None:
-            self.start()
-        self._bar.update(n)
+        with self._lock:
+            if self._bar is not None:
+                self._bar.update(n)
 
     def close(self, **kwargs: Any) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
 
 
-def for_transfer(description: str, total: int | None, *, quiet: bool = False) -> Progress:
-    """A bar when a person is watching (stderr is a TTY) and the transfer is worth watching."""
+def for_transfer(description: str, *, quiet: bool = False) -> Progress:
+    """A bar when a person is watching (stderr is a TTY); silent in CI logs and with --quiet."""
     if quiet or not sys.stderr.isatty():
         return NULL_PROGRESS
-    if total is not None and total < MIN_BAR_BYTES:
-        return NULL_PROGRESS
-    return BarProgress(description, total)
+    return BarProgress(description)

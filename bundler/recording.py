@@ -13,7 +13,8 @@ would otherwise bundle only its new kernels, and the next fresh node would recom
 
 This module sits below the autotune cache and the Triton integration (both call :func:`record`)
 and knows nothing about stores or archives. It is thread-safe because Triton compiles kernels
-from worker threads.
+from worker threads, and fork-safe because PyTorch's DataLoader forks workers while a session's
+fetch thread may be recording: a child gets new locks instead of ones held by a thread it lacks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bundler.config import Settings
-from bundler.integrations.triton_groups import is_group_file, to_portable
+from bundler.relocate import is_group_file, to_portable
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def source_for(name: str, path: str | os.PathLike[str]) -> Source:
     """What to record for the file at ``path``: group files as portable bytes, others by path.
 
     Group files are small and hold absolute paths, so they are captured now in their
-    path-free form (see ``triton_groups``); kernel binaries are read only when a bundle is packed.
+    path-free form (see ``bundler.relocate``); kernel binaries are read only when a bundle is packed.
     """
     if is_group_file(name):
         return to_portable(Path(path).read_bytes())
@@ -95,6 +96,9 @@ class Recorder:
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
 
 
 _process = Recorder()
@@ -174,7 +178,7 @@ def wait_for_pending() -> None:
         wait()
 
 
-def readable(entries: Mapping[str, Source]) -> dict[str, Source]:
+def still_existing(entries: Mapping[str, Source]) -> dict[str, Source]:
     """``entries`` without files that vanished since they were recorded (a cleaned cache).
 
     A bundle must hold only what exists now; a missing file is a warning, not a failed push.
@@ -186,3 +190,15 @@ def readable(entries: Mapping[str, Source]) -> dict[str, Source]:
             continue
         kept[name] = source
     return kept
+
+
+def _after_fork_in_child() -> None:
+    """Replace every lock a thread of the parent may have held when the process forked."""
+    global _active_lock
+    _active_lock = threading.Lock()
+    _process.after_fork()
+    for recorder in _active:
+        recorder.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

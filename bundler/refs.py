@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import hmac
 import json
 from collections.abc import Mapping
@@ -19,10 +18,9 @@ from typing import Any
 
 from bundler.config import Settings
 from bundler.errors import BundleError, SignatureError
+from bundler.signing import sign as _sign
 from bundler.stores import layout
 from bundler.stores.base import Store
-
-_SIGNATURE_PREFIX = "hmac-sha256:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +43,6 @@ class Ref:
             "producer": dict(self.producer),
             "extra": dict(self.extra),
         }
-
-
-def _sign(body: Mapping[str, Any], key: str) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return _SIGNATURE_PREFIX + hmac.new(key.encode(), canonical, hashlib.sha256).hexdigest()
 
 
 def write_ref(
@@ -95,7 +88,11 @@ def read_ref(store: Store, name: str, settings: Settings | None = None) -> Ref:
             extra=dict(doc.get("extra", {})),
             signature=doc.get("signature"),
         )
-    except (ValueError, KeyError, TypeError) as exc:
+        if not isinstance(ref.signature, str | None) or not all(
+            isinstance(v, str) for v in ref.producer.values()
+        ):
+            raise TypeError("signature and producer facts must be strings")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BundleError(f"ref {key} in {store.url} is malformed ({exc}); push the bundle again to rewrite it") from None
     if ref.name != name:
         raise SignatureError(f"ref {key} in {store.url} names {ref.name!r}, not {name!r}: it was copied or tampered with")
@@ -110,7 +107,7 @@ def _check_signature(ref: Ref, key: str, store: Store, signing_key: str) -> None
             f"ref {key} in {store.url} is unsigned, and BUNDLER_SIGNING_KEY is set: refusing it. "
             "Push it again from a producer that has the key"
         )
-    if not hmac.compare_digest(ref.signature, _sign(ref.body(), signing_key)):
+    if not hmac.compare_digest(ref.signature.encode(), _sign(ref.body(), signing_key).encode()):
         raise SignatureError(
             f"ref {key} in {store.url} has a wrong signature: it was tampered with or signed with another key"
         )

@@ -9,8 +9,10 @@ Life of a session::
     with bundler.compile_session(code=model_source):    # or begin_compile(...) / end_compile()
         run_the_model()
 
-1. ``begin`` starts fetching the ref's bundle in a background thread and returns at once, so the
-   download overlaps with whatever the job does next (importing torch, building the model).
+1. ``begin`` starts a background thread and returns at once; the thread derives the compile key
+   (which imports Triton and, on GPUs, asks the driver for the target: about a second) and fetches
+   the ref's bundle, so both overlap with whatever the job does next (importing torch, building
+   the model). ``ref_name``, ``sync`` and ``end`` wait for the key, within the pull budget.
    Every reader of the local caches (``AutotuneCache``, the Triton cache manager) first waits for
    that fetch (``recording.wait_for_pending``), at most ``settings.pull_budget`` seconds from begin.
 2. On a hit the bundle is unpacked into the local caches (Triton group files relocated to this
@@ -24,7 +26,8 @@ Life of a session::
 
 Switches (``Settings``): ``bundles`` turns sessions on (they need ``local_cache``, which the
 settings enforce, and a ``remote``); ``local_cache`` and ``remote_autotune`` govern the per-kernel
-cache independently. A disabled session is a cheap no-op, so callers never need to check.
+cache independently. A disabled session is a cheap no-op, so callers never need to check; settings
+that do not parse (a bad ``BUNDLER_*`` variable) disable it with a warning instead of raising.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any
 
 from bundler import keys, recording
 from bundler.config import Settings
-from bundler.errors import NotFoundError
+from bundler.errors import ConfigError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +64,12 @@ class CompileSession:
     ) -> None:
         if (code is None) == (code_hash is None):
             raise TypeError("a compile session takes exactly one of code= or code_hash=")
-        self.settings = settings if settings is not None else Settings.from_env()
+        self.settings, usable = _settings_or_off(settings, "compile session")
         self._code, self._code_hash = code, code_hash
         self._store = store
-        self.enabled = bool(self.settings.bundles and (store is not None or self.settings.remote))
-        self.key: str | None = None
+        self.enabled = bool(usable and self.settings.bundles and (store is not None or self.settings.remote))
+        self.key: str | None = None  # set by the fetch thread; _keyed tells when it is settled
+        self._keyed = threading.Event()
         self._hit = False
         self.time_saved_ns = 0
         self.pulled: Any = None  # transfer.PullResult on a hit
@@ -82,39 +86,58 @@ class CompileSession:
 
     @property
     def ref_name(self) -> str:
+        """``compile-<key>``; waits for the fetch thread to derive the key (within the pull budget)."""
+        if self.key is None and self.enabled and self._state != "new":
+            self._keyed.wait(max(0.0, self._deadline - time.monotonic()))
         if self.key is None:
-            raise RuntimeError("the compile key is known once the session has begun")
+            raise RuntimeError("the compile key is known once an enabled session has begun and derived it")
         return f"{REF_PREFIX}{self.key}"
+
+    @property
+    def _label(self) -> str:
+        """The key's first characters, for log lines (the key may still be unknown)."""
+        return self.key[:12] if self.key else "(key not derived)"
 
     # begin -------------------------------------------------------------------------------------
 
     def begin(self) -> CompileSession:
-        """Derive the key, start fetching the bundle, start collecting. Returns self."""
+        """Start collecting, and start deriving the key and fetching in a thread. Returns self."""
         if self._state != "new":
             raise RuntimeError(f"compile session already {self._state}")
         self._state = "open"
         if not self.enabled:
             log.debug("compile session off (bundles=%s, remote=%s)", self.settings.bundles, self.settings.remote)
             return self
-        self.key = keys.compile_key(code=self._code, code_hash=self._code_hash, tag=self.settings.tag)
         self._deadline = time.monotonic() + self.settings.pull_budget
         recording.attach(self._recorder)
-        self._fetcher = threading.Thread(target=self._fetch, name="bundler-fetch", daemon=True)
+        self._fetcher = threading.Thread(target=self._derive_key_and_fetch, name="bundler-fetch", daemon=True)
         self._fetcher.start()
         recording.add_waiter(self.sync)
         return self
 
     def _store_handle(self) -> Any:
         if self._store is None:
-            from bundler.autotune import shared_store
+            from bundler.stores.shared import shared_store
 
             self._store = shared_store(self.settings)
         return self._store
 
+    def _derive_key_and_fetch(self) -> None:
+        """The fetch thread: the key costs a Triton import, so it is derived here, not in begin."""
+        try:
+            self.key = keys.compile_key(code=self._code, code_hash=self._code_hash, tag=self.settings.tag)
+        except Exception as exc:  # the cache is an accelerator: nothing here may fail the job
+            log.warning("compile session: could not derive its key (%s: %s); compiling without a bundle",
+                        type(exc).__name__, exc)
+            return
+        finally:
+            self._keyed.set()
+        self._fetch()
+
     def _fetch(self) -> None:
-        """Runs in the fetch thread: pull into the local caches; any failure means "miss"."""
+        """Pull into the local caches; any failure means "miss"."""
         from bundler import transfer
-        from bundler.integrations.triton_groups import GroupFileRewriter
+        from bundler.relocate import GroupFileRewriter
 
         try:
             result = transfer.pull(
@@ -162,18 +185,15 @@ class CompileSession:
             if fetcher.is_alive():
                 self._fetcher = None  # given up: later calls neither wait nor warn again
                 log.warning("compile %s: fetching its bundle took longer than the pull budget (%.0f s, "
-                            "BUNDLER_PULL_BUDGET); compiling without it", self.key[:12], self.settings.pull_budget)
+                            "BUNDLER_PULL_BUDGET); compiling without it", self._label, self.settings.pull_budget)
                 recording.remove_waiter(self.sync)
         return self._hit
 
     def put(self, path: str | os.PathLike[str], data: bytes | None = None) -> None:
         """Add a local-cache file to this session's bundle (``data``: its bytes, else read at push)."""
-        name = recording.member_name(path, self.settings)
-        if name is None:
-            log.warning("put(%s): not inside the local caches (%s, %s); not bundled",
-                        path, self.settings.cache_dir, self.settings.triton_cache_dir)
-            return
-        self._recorder.add(name, data if data is not None else recording.source_for(name, path))
+        entry = _entry(path, data, self.settings)
+        if entry is not None:
+            self._recorder.add(*entry)
 
     # end ---------------------------------------------------------------------------------------
 
@@ -189,7 +209,10 @@ class CompileSession:
         recording.detach(self._recorder)
         if self._hit:
             return None
-        entries = recording.readable(self._recorder.entries())
+        if self.key is None:
+            log.info("compile session: no key was derived within the pull budget; no bundle to push")
+            return None
+        entries = recording.still_existing(self._recorder.entries())
         if not entries:
             log.info("compile %s: nothing was compiled or tuned; no bundle to push", self.key[:12])
             return None
@@ -224,6 +247,36 @@ class CompileSession:
         self.end()
 
 
+def _settings_or_off(settings: Settings | None, what: str) -> tuple[Settings, bool]:
+    """``settings``, else the environment's; defaults and False when the environment is invalid.
+
+    A bad ``BUNDLER_*`` variable must cost a warning, not the job (DESIGN.md, failure policy).
+    """
+    if settings is not None:
+        return settings, True
+    try:
+        return Settings.from_env(), True
+    except ConfigError as exc:
+        log.warning("%s off: %s", what, exc)
+        return Settings(bundles=False), False
+
+
+def _entry(path: str | os.PathLike[str], data: bytes | None, settings: Settings) -> tuple[str, recording.Source] | None:
+    """The (member name, source) to record for a ``put``; None, with a warning, if it cannot be."""
+    name = recording.member_name(path, settings)
+    if name is None:
+        log.warning("put(%s): not inside the local caches (%s, %s); not bundled",
+                    path, settings.cache_dir, settings.triton_cache_dir)
+        return None
+    if data is not None:
+        return name, data
+    try:
+        return name, recording.source_for(name, path)
+    except OSError as exc:  # removed or unreadable since it was written
+        log.warning("put(%s): cannot read it (%s); not bundled", path, exc)
+        return None
+
+
 def _time_taken_ns(source: recording.Source) -> int:
     """The autotuning time an autotune record says it cost (0 when unreadable)."""
     try:
@@ -244,6 +297,15 @@ _sessions: list[CompileSession] = []
 _sessions_lock = threading.Lock()
 
 
+def _new_sessions_lock() -> None:
+    # A forked child (a DataLoader worker) must not inherit a lock a parent thread held.
+    global _sessions_lock
+    _sessions_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_sessions_lock)
+
+
 def begin_compile(
     *, code: str | None = None, code_hash: str | None = None, settings: Settings | None = None
 ) -> CompileSession:
@@ -262,12 +324,10 @@ def put(path: str | os.PathLike[str], data: bytes | None = None) -> None:
     themselves, for hits as well as writes, so a new model that reuses old kernels bundles them.
     """
     session = current()
-    settings = session.settings if session is not None else Settings.from_env()
-    name = recording.member_name(path, settings)
-    if name is None:
-        log.warning("put(%s): not inside the local caches; not bundled", path)
-        return
-    recording.record(name, data if data is not None else recording.source_for(name, path))
+    settings, usable = _settings_or_off(session.settings if session is not None else None, "put")
+    entry = _entry(path, data, settings) if usable else None
+    if entry is not None:
+        recording.record(*entry)
 
 
 def end_compile() -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import tempfile
@@ -95,11 +96,7 @@ def push(
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
         packed = archive.pack(source, spool, settings=settings, producer=producer)
         spool.seek(0)
-        progress.start(total=packed.compressed_size)
-        try:
-            uploaded = upload(store, spool, packed.digest, packed.compressed_size, progress=progress)
-        finally:
-            progress.close()
+        uploaded = upload(store, spool, packed.digest, packed.compressed_size, progress=progress)
     written = None
     if ref is not None:
         written = refs.write_ref(
@@ -132,37 +129,44 @@ def pull(
     digest, found = _resolve(store, digest, ref, settings)
     if node_state is None:
         return PullResult(digest, _download(store, dest, digest, found, settings, rewrite, progress), found)
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     node_state.mkdir(parents=True, exist_ok=True)
-    remaining = max(1.0, settings.pull_budget)
-    with FileLock(str(node_state / f"{digest}.lock"), timeout=remaining):
+    wait = max(1.0, settings.pull_budget)
+    lock = FileLock(str(node_state / f"{digest}.lock"), timeout=wait)
+    try:
+        lock.acquire()
+    except Timeout:
+        log.warning("another process has held %s for %.0f s; downloading anyway", lock.lock_file, wait)
+        return PullResult(digest, _download(store, dest, digest, found, settings, rewrite, progress), found)
+    try:
         done = node_state / f"{digest}.manifest.json"
-        man = _already_unpacked(done, dest, settings)
+        man = _already_unpacked(done, digest, dest, settings)
         if man is not None:
             log.info("bundle %s already unpacked on this machine; not downloading it again", digest)
             return PullResult(digest, man, found)
         man = _download(store, dest, digest, found, settings, rewrite, progress)
         _write_atomically(done, man.encode())
-    return PullResult(digest, man, found)
+        return PullResult(digest, man, found)
+    finally:
+        lock.release()
 
 
 def _download(store: Store, dest: Destination, digest: str, found: Ref | None, settings: Settings,
               rewrite: archive.Rewriter | None, progress: Progress) -> Manifest:
-    progress.start(total=found.size if found else None)
-    try:
-        with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
-            man = archive.unpack(stream, dest, expected_digest=digest, settings=settings, rewrite=rewrite)
-    finally:
-        progress.close()
+    with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
+        man = archive.unpack(stream, dest, expected_digest=digest, settings=settings, rewrite=rewrite)
     log.info("pulled bundle %s: %d files, %d bytes", digest, len(man.files), man.total_size)
     return man
 
 
-def _already_unpacked(done: Path, dest: Destination, settings: Settings) -> Manifest | None:
+def _already_unpacked(done: Path, digest: str, dest: Destination, settings: Settings) -> Manifest | None:
     """The manifest of an earlier unpack on this machine, if every one of its files is still there."""
     try:
-        man = manifest_format.decode(done.read_bytes(), max_members=settings.max_members)
+        data = done.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            return None
+        man = manifest_format.decode(data, max_members=settings.max_members)
         placement = Placement(dest)
         if all(placement.target(record.path)[1].is_file() for record in man.files):
             return man
@@ -211,15 +215,11 @@ def export(
     """Save a bundle to ``out`` for an offline transfer, verifying it on the way."""
     settings = settings or Settings.from_env()
     digest, found = _resolve(store, digest, ref, settings)
-    progress.start(total=found.size if found else None)
-    try:
-        with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
-            tee = _Tee(stream, out)
-            man = archive.verify(tee, expected_digest=digest, settings=settings)
-            while tee.read(_COPY_CHUNK):  # anything after the verified part (none, normally)
-                pass
-    finally:
-        progress.close()
+    with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
+        tee = _Tee(stream, out)
+        man = archive.verify(tee, expected_digest=digest, settings=settings)
+        while tee.read(_COPY_CHUNK):  # anything after the verified part (none, normally)
+            pass
     return man
 
 
@@ -231,19 +231,23 @@ def import_file(
     settings: Settings | None = None,
     progress: Progress = NULL_PROGRESS,
 ) -> PushResult:
-    """Verify an offline bundle file completely, then upload it (and point ``ref`` at it)."""
+    """Verify an offline bundle file completely, then upload it (and point ``ref`` at it).
+
+    The bytes are copied into a private spool while they are verified, and the spool is what gets
+    uploaded: a file changed between the check and the upload cannot slip unverified bytes under
+    an immutable, content-addressed key.
+    """
     settings = settings or Settings.from_env()
     if ref is not None:
         layout.check_name(ref)
-    with open(path, "rb") as f:
-        man = archive.verify(f, settings=settings)
-        size = f.seek(0, 2)
-        f.seek(0)
-        progress.start(total=size)
-        try:
-            uploaded = upload(store, f, man.digest, size, progress=progress)
-        finally:
-            progress.close()
+    with open(path, "rb") as f, tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
+        tee = _Tee(f, spool)
+        man = archive.verify(tee, settings=settings)
+        while tee.read(_COPY_CHUNK):
+            pass
+        size = spool.tell()
+        spool.seek(0)
+        uploaded = upload(store, spool, man.digest, size, progress=progress)
     written = None
     if ref is not None:
         written = refs.write_ref(store, ref, man.digest, size, producer=man.producer, settings=settings)

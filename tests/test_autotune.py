@@ -14,8 +14,8 @@ import triton
 from bundler import autotune, keys
 from bundler.autotune import AutotuneCache, configs_hash
 from bundler.config import Settings
-from bundler.errors import StoreUnreachableError
-from bundler.stores import layout, open_store
+from bundler.errors import AccessDeniedError, StoreUnreachableError
+from bundler.stores import layout, open_store, shared
 
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((16, 4), (32, 4), (32, 8))]
 META = {"kernel": "tests.add", "tuning_key": [100, "torch.float32"]}
@@ -139,18 +139,125 @@ class _DeadStore:
     read_bytes = write_bytes = _fail
 
 
-def test_store_failure_is_one_warning_and_a_miss(tmp_path: Path, monkeypatch, caplog) -> None:  # noqa: ANN001
-    monkeypatch.setattr(autotune, "shared_store", lambda settings: _DeadStore())
-    monkeypatch.setattr(autotune, "_broken_remotes", set())
+@pytest.fixture
+def fresh_breakers():  # noqa: ANN201
+    shared.reset()
+    yield
+    shared.reset()
+
+
+def test_store_failure_is_one_warning_and_a_miss(tmp_path: Path, monkeypatch, caplog, fresh_breakers) -> None:  # noqa: ANN001
+    monkeypatch.setattr(shared, "shared_store", lambda settings: _DeadStore())
     settings = Settings(cache_dir=tmp_path, remote="s3://dead/prefix")
     with caplog.at_level(logging.WARNING):
         assert make(settings).read_best(CONFIGS) is None
         make(settings).save(CONFIGS[0], 1)  # must not raise; the local side still works
+        make(settings).save(CONFIGS[0], 1)
         other = make(settings, meta={"kernel": "other"})
         assert other.read_best(CONFIGS) is None
-    assert _DeadStore.calls == 1  # the breaker kept the other lookups off the dead store
-    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    assert _DeadStore.calls == 2  # one read, one write: the breakers kept the rest off the dead store
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
     assert make(settings).read_best(CONFIGS) is CONFIGS[0]
+
+
+class _ReadOnlyStore:
+    """A bucket this node may read but not write, holding one kernel's record."""
+
+    def __init__(self, records: dict[str, bytes]) -> None:
+        self.records, self.reads = records, 0
+
+    def read_bytes(self, key: str) -> bytes:
+        self.reads += 1
+        return self.records[key]
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        raise AccessDeniedError(f"AccessDenied on PutObject {key}")
+
+
+def test_a_denied_write_does_not_turn_remote_reads_off(tmp_path: Path, monkeypatch, fresh_breakers) -> None:  # noqa: ANN001
+    producer = Settings(cache_dir=tmp_path / "ci", remote=(tmp_path / "s").as_uri())
+    make(producer, meta={"kernel": "prebaked"}).save(CONFIGS[1], 1)
+    prebaked = layout.autotune_key(make(producer, meta={"kernel": "prebaked"}).key)
+    store = _ReadOnlyStore({prebaked: open_store(producer.remote).read_bytes(prebaked)})
+    monkeypatch.setattr(shared, "shared_store", lambda settings: store)
+    node = producer.replace(cache_dir=tmp_path / "node")
+    make(node, meta={"kernel": "fresh"}).save(CONFIGS[0], 1)  # denied: trips the write breaker only
+    assert make(node, meta={"kernel": "prebaked"}).read_best(CONFIGS) is CONFIGS[1]
+    assert store.reads == 1
+
+
+def test_a_tripped_read_breaker_retries_after_five_minutes(tmp_path: Path, monkeypatch, fresh_breakers) -> None:  # noqa: ANN001
+    now = [1000.0]
+    monkeypatch.setattr(shared, "_clock", lambda: now[0])
+    monkeypatch.setattr(shared, "shared_store", lambda settings: _DeadStore())
+    settings = Settings(cache_dir=tmp_path, remote="s3://flaky/prefix")
+    calls = _DeadStore.calls
+    make(settings).read_best(CONFIGS)
+    now[0] += 299
+    make(settings).read_best(CONFIGS)
+    assert _DeadStore.calls == calls + 1
+    now[0] += 2
+    make(settings).read_best(CONFIGS)
+    assert _DeadStore.calls == calls + 2
+
+
+def _signed_pair(tmp_path: Path, key: str | None) -> tuple[Settings, Settings]:
+    producer = Settings(cache_dir=tmp_path / "ci", remote=(tmp_path / "s").as_uri(), signing_key=key)
+    return producer, producer.replace(cache_dir=tmp_path / "node", signing_key="secret")
+
+
+def test_signed_remote_record_is_accepted(tmp_path: Path, fresh_breakers) -> None:  # noqa: ANN001
+    producer, node = _signed_pair(tmp_path, "secret")
+    make(producer).save(CONFIGS[1], 1)
+    stored = json.loads(open_store(producer.remote).read_bytes(layout.autotune_key(make(producer).key)))
+    assert stored["signature"].startswith("hmac-sha256:")
+    assert make(node).read_best(CONFIGS) is CONFIGS[1]
+
+
+@pytest.mark.parametrize("producer_key", [None, "another-secret"], ids=["unsigned", "other-key"])
+def test_unsigned_or_wrongly_signed_remote_record_is_one_warning_and_a_miss(
+        tmp_path: Path, caplog, fresh_breakers, producer_key: str | None) -> None:  # noqa: ANN001
+    producer, node = _signed_pair(tmp_path, producer_key)
+    make(producer).save(CONFIGS[1], 1)
+    make(producer, meta={"kernel": "other"}).save(CONFIGS[1], 1)
+    with caplog.at_level(logging.WARNING):
+        assert make(node).read_best(CONFIGS) is None
+        assert make(node, meta={"kernel": "other"}).read_best(CONFIGS) is None
+    assert not make(node).local_path.exists()  # not copied into the local cache either
+    assert len([r for r in caplog.records if "signed" in r.getMessage()]) <= 1
+
+
+def test_a_signed_record_copied_to_another_kernel_is_rejected(tmp_path: Path, fresh_breakers) -> None:  # noqa: ANN001
+    producer, node = _signed_pair(tmp_path, "secret")
+    make(producer).save(CONFIGS[1], 1)
+    store = open_store(producer.remote)
+    victim = make(node, meta={"kernel": "victim"})
+    store.write_bytes(layout.autotune_key(victim.key), store.read_bytes(layout.autotune_key(make(producer).key)))
+    assert victim.read_best(CONFIGS) is None
+
+
+class _StrictConfig(triton.Config):
+    """A config type that validates its options, as a future Triton might."""
+
+    def __init__(self, kwargs: dict, num_warps: int = 4, **rest: object) -> None:
+        if not isinstance(num_warps, int):
+            raise TypeError(f"num_warps must be an int, not {num_warps!r}")
+        super().__init__(kwargs, num_warps=num_warps, **rest)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"fields": []}, {"time_taken_ns": "x"}, {"configs_hash": 7}, {"found_by_coordesc": "yes"},
+     {"kwargs": {"BLOCK": 48}, "found_by_coordesc": True, "fields": {"num_warps": "x"}}],
+    ids=["fields-list", "time-str", "hash-int", "coordesc-str", "unbuildable"],
+)
+def test_well_formed_json_with_wrong_types_is_a_miss(settings: Settings, change: dict) -> None:
+    configs = [_StrictConfig({"BLOCK": b}) for b in (16, 32)]
+    cache = make(settings, configs=configs)
+    cache.save(configs[0], 1)
+    record = json.loads(cache.local_path.read_text())
+    cache.local_path.write_text(json.dumps({**record, **change}))
+    assert make(settings, configs=configs).read_best(configs) is None
 
 
 def test_corrupt_local_record_is_a_miss(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
@@ -175,6 +282,11 @@ def _create_in_worker(settings: Settings) -> AutotuneCache:
     return AutotuneCache.create(META, "/worker/kernels.py", configs_hash(CONFIGS), settings=settings)
 
 
+def _read_in_worker(cache: AutotuneCache) -> tuple[dict | None, str]:
+    best = cache.read_best(CONFIGS)
+    return (best.kwargs if best is not None else None), cache._read_remote().decode()
+
+
 def test_cache_made_in_a_worker_process_saves_in_the_parent(tmp_path: Path) -> None:
     settings = Settings(cache_dir=tmp_path / "c", remote=(tmp_path / "s").as_uri())
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -183,3 +295,17 @@ def test_cache_made_in_a_worker_process_saves_in_the_parent(tmp_path: Path) -> N
     assert make(settings, filename="kernels.py").read_best(CONFIGS) is CONFIGS[2]
     assert open_store(settings.remote).exists(layout.autotune_key(cache.key))
     assert pickle.loads(pickle.dumps(cache)).key == cache.key
+
+
+def test_cache_that_used_its_store_pickles_into_a_worker(tmp_path: Path) -> None:
+    # A store handle held on the instance (a connection pool, a lock) would break pickling or be
+    # shared across processes; the instance must travel as plain data and reopen the store there.
+    settings = Settings(cache_dir=tmp_path / "c", remote=(tmp_path / "s").as_uri(), local_cache=False,
+                        bundles=False)
+    cache = make(settings)
+    cache.save(CONFIGS[1], 1)
+    assert cache._read_remote() is not None  # the remote store has been opened and used
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        best, record = pool.apply(_read_in_worker, (cache,))
+    assert best == CONFIGS[1].kwargs
+    assert json.loads(record)["kwargs"] == CONFIGS[1].kwargs

@@ -190,6 +190,57 @@ def test_symlink_inside_destination_that_stays_inside_is_allowed(area):
     assert (area / "dest/real/a.cubin").read_bytes() == GOOD["k/a.cubin"]
 
 
+def test_rejected_bundle_leaves_no_new_destination_folder(tmp_path):
+    data, _ = honest(GOOD)
+    with pytest.raises(IntegrityError):
+        archive.unpack(io.BytesIO(data), tmp_path / "new" / "deep", expected_digest="1" * 64, settings=SETTINGS)
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    members[2] = regular("z/last.ptx", b"X" * len(GOOD["z/last.ptx"]))
+    with pytest.raises(IntegrityError):
+        archive.unpack(io.BytesIO(craft(members, GOOD)[0]), tmp_path / "new" / "deep", settings=SETTINGS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_and_folder_conflict_is_rejected_before_anything_moves(area):
+    files = {"k/a.cubin": b"1", "k/a.cubin/inner": b"2"}
+    rejects(area, craft([regular(n, d) for n, d in sorted(files.items())], files)[0], UnsafeMemberError,
+            "both a file and a folder")
+
+
+def test_non_canonical_manifest_is_rejected(area):
+    spaced = manifest_bytes(GOOD).replace(b",", b", ")
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    rejects(area, craft(members, GOOD, manifest=spaced)[0], ManifestError, "canonical")
+    boolean = manifest_bytes({"a": b"x"}).replace(b'"size":1', b'"size":true')
+    rejects(area, craft([regular("a", b"x")], {}, manifest=boolean)[0], ManifestError, "malformed")
+
+
+def test_manifest_larger_than_the_member_limit_allows_is_refused_unread(area):
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    bloated = manifest_bytes(GOOD, producer={"padding": "x" * (2 << 20)})
+    data, _ = craft(members, GOOD, manifest=bloated)
+    rejects(area, data, LimitExceededError, "MANIFEST.json is .* bytes", settings=Settings(max_members=10))
+
+
+def test_long_zero_tail_is_not_padding(area):
+    data, _ = honest(GOOD)
+    archive.unpack(io.BytesIO(data + zstd(bytes(10240))), area / "ok", settings=SETTINGS)  # GNU tar's record
+    rejects(area, data + zstd(bytes(1 << 20)), NotABundleError, "after the end")
+
+
+class _GroupRewriter:
+    def wants(self, name: str) -> bool:
+        return name.endswith(".json")
+
+    def __call__(self, name: str, data: bytes, target: Path) -> bytes:
+        return data
+
+
+def test_oversized_member_for_the_rewriter_is_refused(area):
+    data, _ = honest({"k/__grp__x.json": b"[" * ((1 << 20) + 1)})
+    rejects(area, data, LimitExceededError, "__grp__x.json", rewrite=_GroupRewriter())
+
+
 def test_directory_where_a_file_goes_is_rejected(area):
     (area / "dest/z/last.ptx").mkdir(parents=True)
     data, _ = honest(GOOD)

@@ -173,14 +173,14 @@ class _CountingStore:
         return getattr(self._inner, name)
 
 
-def test_processes_of_one_node_download_a_bundle_once(tmp_path, src, small_settings):
+def test_ranks_of_one_node_download_a_bundle_once(tmp_path, src, small_settings):
     from concurrent.futures import ThreadPoolExecutor
 
     store = _CountingStore(open_store((tmp_path / "store").as_uri(), small_settings))
     pushed = transfer.push(store._inner, src, ref="r", settings=small_settings)
     node = tmp_path / "node-state"
 
-    def rank(_):
+    def rank(_):  # threads hold separate filelock instances, as processes would
         return transfer.pull(store, tmp_path / "cache", ref="r", settings=small_settings, node_state=node)
 
     with ThreadPoolExecutor(4) as pool:

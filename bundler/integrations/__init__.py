@@ -2,5 +2,5 @@
 
 * ``bundler.integrations.triton``: cached ``triton.autotune`` and kernel-cache capture (public).
 * ``triton_cache``: the recording cache manager; ``triton_remote``: a ``TRITON_REMOTE_CACHE_BACKEND``;
-  ``triton_groups``: group-file relocation (no Triton import; used by sessions and artifacts).
+  ``triton_groups``: the old import path of group-file relocation, now ``bundler.relocate``.
 """

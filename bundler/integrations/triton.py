@@ -33,14 +33,22 @@ Which cache answers, when
 
     Triton's result files live in its kernel cache, so compile sessions bundle them (they are
     recorded when written or read) and they come back with the bundle. Ours are keyed by the
-    kernel's comment-blind source hash, the tuning key, Triton version and backend; Triton's by its
-    full compiler hash. Both being present is harmless: ours is asked first and Triton's is then
-    never read.
+    kernel's code (see below), the tuning key, Triton version and backend; Triton's by its full
+    compiler hash. Both being present is harmless: ours is asked first and Triton's is then never
+    read.
+
+What "the kernel's code" is
+    The ``JITFunction``'s own ``cache_key`` where it has one (compiled kernels, Triton 3.6 and 3.9):
+    Triton hashes into it every ``@triton.jit`` helper the kernel calls and every ``constexpr``
+    global it reads, so changing a helper retunes. It also covers comments and the line number,
+    which costs a retune after an edit above the kernel; that is cheaper than a stale winner.
+    Under ``TRITON_INTERPRET=1`` there is no ``JITFunction`` and so no dependency hash: the key is
+    then the comment-blind hash of the kernel's own source (``keys.code_hash``).
 
 The kernel cache itself (ttir ... cubin, group files) is not available under the interpreter:
 interpreted kernels are not compiled. On GPUs it is recorded by
 :class:`~bundler.integrations.triton_cache.RecordingCacheManager` and relocated on unpack by
-:class:`~bundler.integrations.triton_groups.GroupFileRewriter`.
+:class:`~bundler.relocate.GroupFileRewriter`.
 """
 
 from __future__ import annotations
@@ -154,13 +162,13 @@ class TuningResults(dict):
             return None
 
     def _kernel_identity(self) -> tuple[str, str, str] | None:
-        """(qualified name, source file, comment-blind source hash), computed once per kernel."""
+        """(qualified name, source file, code hash: see the module doc), computed once per kernel."""
         if self._identity is None:
             fn = self._tuner.base_fn
             try:
                 if self._settings is None:
                     self._settings = Settings.from_env()
-                source = keys.code_hash(inspect.getsource(fn))
+                source = _jit_cache_key(self._tuner.fn) or keys.code_hash(inspect.getsource(fn))
                 filename = inspect.getsourcefile(fn) or fn.__code__.co_filename
             except (OSError, TypeError, ConfigError) as exc:
                 log.warning("autotune cache off for %s: %s", getattr(fn, "__qualname__", fn), exc)
@@ -171,3 +179,20 @@ class TuningResults(dict):
 
     def _kernel_name(self) -> str:
         return getattr(self._tuner.base_fn, "__qualname__", "kernel")
+
+
+def _jit_cache_key(fn: Any) -> str | None:
+    """Triton's dependency-aware hash of the ``JITFunction`` under ``fn`` (through heuristics
+    wrappers), or None where there is none (the interpreter) or it cannot be computed."""
+    for _ in range(8):  # autotune(heuristics(jit(f))) nests a few levels at most
+        if fn is None or inspect.isfunction(fn):
+            return None
+        try:
+            key = getattr(fn, "cache_key", None)
+        except Exception as exc:  # computing it walks the kernel's globals; never fail the kernel
+            log.debug("no Triton cache_key for %s (%s); using its source hash", fn, exc)
+            return None
+        if isinstance(key, str):
+            return "triton-cache-key:" + key
+        fn = getattr(fn, "fn", None)
+    return None

@@ -28,7 +28,7 @@ from triton import knobs
 from triton.runtime.cache import CacheManager, FileCacheManager
 
 from bundler import recording
-from bundler.integrations.triton_groups import GROUP_PREFIX
+from bundler.relocate import GROUP_PREFIX
 
 log = logging.getLogger(__name__)
 

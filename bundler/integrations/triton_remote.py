@@ -11,30 +11,56 @@ a kernel is about eight files, and on moto over loopback one request per file wa
 than one streamed bundle (``shared/fixtures/README.md``). This backend suits long-lived shared
 caches where no compile boundary exists.
 
-Failure policy: a store error is one warning, after which the backend answers "not found" for
-the rest of the process (the same circuit breaker as the per-kernel autotune cache), so Triton
-compiles as if the remote were empty.
+Object names: Triton's key is a hash and its file names are short, but the backend must map *any*
+name to a valid store key (an exception here would fail Triton's compile), so a name that is not a
+plain file name, or is over 200 characters, is stored under ``sha256-<hash of the name>``.
+
+Failure policy: a store error is one warning, after which that kind of request (read or write)
+is skipped (the circuit breakers of ``bundler.stores.shared``, shared with the per-kernel
+autotune cache), so Triton compiles as if the remote were empty.
+
+Signing: these objects are compiled GPU code, stored one file at a time with no signature, so they
+cannot be verified. With ``BUNDLER_SIGNING_KEY`` set the backend therefore loads nothing (one
+warning, then every lookup is a miss) and only writes; use signed compile-session bundles to share
+kernels between nodes that require signatures.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from triton.runtime.cache import RemoteCacheBackend
 
-from bundler.autotune import remote_failed, remote_usable, shared_store
 from bundler.config import Settings
 from bundler.errors import ConfigError, NotFoundError
 from bundler.stores import layout
+from bundler.stores.shared import remote_failed, remote_usable, shared_store
 
 log = logging.getLogger(__name__)
 
 TRITON_PREFIX = f"{layout.LAYOUT_VERSION}/triton/"
+HASHED_PREFIX = "sha256-"
+
+_unsigned_refused = False  # the signing-key warning is given once per process
+
+
+def _segment(name: str) -> str:
+    """``name`` as one valid key segment: itself when it is a plain short file name, else its hash.
+
+    Names that already look hashed are hashed again, so two different names never share a key.
+    """
+    if "/" not in name and not name.startswith(HASHED_PREFIX):
+        try:
+            return layout.check_name(name, "Triton cache file")
+        except ConfigError:
+            pass
+    return HASHED_PREFIX + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def triton_object_key(key: str, filename: str) -> str:
-    """The store key of one Triton cache file, validated like every name we turn into a key."""
-    return TRITON_PREFIX + layout.check_name(f"{key}/{filename}", "Triton cache file")
+    """The store key of one Triton cache file; valid for every ``key`` and ``filename``."""
+    return TRITON_PREFIX + layout.check_name(f"{_segment(key)}/{_segment(filename)}", "Triton cache file")
 
 
 class StoreRemoteCacheBackend(RemoteCacheBackend):
@@ -48,16 +74,20 @@ class StoreRemoteCacheBackend(RemoteCacheBackend):
             log.warning("Triton remote cache off: %s", exc)
             self._settings = None
 
-    def _usable(self) -> bool:
-        return self._settings is not None and remote_usable(self._settings)
+    def _usable(self, action: str) -> bool:
+        return self._settings is not None and remote_usable(self._settings, action)
 
     def get(self, filenames: list[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
+        if self._settings is not None and self._settings.signing_key:
+            _refuse_unsigned()
+            return found
         for filename in filenames:
-            if not self._usable():
+            if not self._usable("read"):
                 break
-            object_key = triton_object_key(self._key, filename)
+            object_key = filename
             try:
+                object_key = triton_object_key(self._key, filename)
                 found[filename] = shared_store(self._settings).read_bytes(object_key)
             except NotFoundError:
                 continue
@@ -66,11 +96,21 @@ class StoreRemoteCacheBackend(RemoteCacheBackend):
         return found
 
     def put(self, filename: str, data: bytes) -> None:
-        if not self._usable():
+        if not self._usable("write"):
             return
-        object_key = triton_object_key(self._key, filename)
+        object_key = filename
         try:
+            object_key = triton_object_key(self._key, filename)
             # Same key, same bytes: Triton's keys hash everything that shapes the output.
             shared_store(self._settings).write_bytes(object_key, bytes(data), if_absent=True)
         except Exception as exc:
             remote_failed(self._settings, "write", object_key, exc)  # type: ignore[arg-type]
+
+
+def _refuse_unsigned() -> None:
+    global _unsigned_refused
+    if not _unsigned_refused:
+        _unsigned_refused = True
+        log.warning("Triton remote cache: BUNDLER_SIGNING_KEY is set, and kernel files in the store are "
+                    "not signed, so none are loaded; Triton compiles them (use compile-session bundles, "
+                    "whose refs are signed, to share kernels)")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 
 from bundler.errors import ConfigError
+from bundler.manifest import check_digest
+
+__all__ = ["check_digest", "check_name", "bundle_key", "ref_key", "autotune_key"]
 
 LAYOUT_VERSION = "v1"
 BUNDLES = f"{LAYOUT_VERSION}/bundles/"
@@ -23,10 +26,6 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@-]{0,199}(/[A-Za-z0-9_][A-Za-z0-9._+=@-]{0,199}){0,15}$")
 
 
-def check_digest(digest: str) -> str:
-    if not _DIGEST.match(digest):
-        raise ConfigError(f"{digest!r} is not a bundle digest: expected 64 lowercase hex characters")
-    return digest
 
 
 def check_name(name: str, what: str = "ref name") -> str:
