@@ -96,3 +96,10 @@ def test_eight_processes_pushing_the_same_bundle_make_one_object(s3_server, s3_b
     assert len({r.stdout for r in results}) == 1
     objects = _boto_client(moto_endpoint).list_objects_v2(Bucket=s3_bucket, Prefix="some/prefix/v1/bundles/")
     assert objects["KeyCount"] == 1
+
+
+def test_bad_profile_and_bad_endpoint_are_one_line_usage_errors(aws_env, tmp_path):
+    result = bundler("ls", "--remote", "s3://bucket/p", env={"AWS_PROFILE": "no-such-profile"})
+    assert result.returncode == 2 and "AWS_PROFILE" in result.stderr and "Traceback" not in result.stderr
+    result = bundler("ls", "--remote", "s3://bucket/p?endpoint=notaurl")
+    assert result.returncode == 2 and "notaurl" in result.stderr and "Traceback" not in result.stderr

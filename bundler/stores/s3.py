@@ -96,7 +96,21 @@ class S3Store(Store):
 
     @property
     def _client(self) -> Any:
-        return get_client(self._config)
+        try:
+            return get_client(self._config)
+        except ValueError as exc:  # botocore's verdict on a malformed endpoint URL
+            raise ConfigError(
+                f"cannot use endpoint {self._config.endpoint_url!r} for {self.url}: {exc}; "
+                "write it as http(s)://host[:port]"
+            ) from None
+        except Exception as exc:
+            from botocore.exceptions import BotoCoreError
+
+            if isinstance(exc, BotoCoreError):  # e.g. ProfileNotFound for a bad AWS_PROFILE
+                raise ConfigError(
+                    f"cannot configure S3 access for {self.url}: {exc}; check AWS_PROFILE and ~/.aws/config"
+                ) from None
+            raise
 
     @property
     def _ctx(self) -> ErrorContext:

@@ -141,6 +141,14 @@ def _from_client_error(
             f"(AWS_PROFILE / AWS_ACCESS_KEY_ID) are allowed s3:{_permission(action)} on the bucket "
             "and key in the IAM or bucket policy"
         )
+    if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException") or (
+        status == 301
+    ):
+        region = getattr(exc, "response", {}).get("Error", {}).get("Region") or "the bucket's region"
+        return StoreError(
+            f"{action} {target}: the bucket lives in another region ({code or status}: {message}); add "
+            f"?region={region} to the remote URL or set AWS_DEFAULT_REGION"
+        )
     if code in _NOT_FOUND_CODES or status == 404:
         return NotFoundError(f"{key!r} not found in s3://{ctx.bucket} at {ctx.endpoint}")
     if code in _THROTTLE_CODES or status == 503:
