@@ -34,7 +34,7 @@ STAGING_PREFIX = ".bundler-staging-"
 Destination = Path | str | Mapping[str, Path | str]
 
 
-def _local_error(exc: OSError, what: str, path: str) -> LocalCacheError:
+def local_error(exc: OSError, what: str, path: str) -> LocalCacheError:
     hint = {
         errno.ENOSPC: "the disk is full: free space or point the cache elsewhere",
         errno.EDQUOT: "the disk quota is exhausted: free space or point the cache elsewhere",
@@ -87,7 +87,7 @@ class Placement:
                 _sweep_stale_staging(root)
                 staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
             except OSError as exc:
-                raise _local_error(exc, "create a staging folder in", str(root)) from exc
+                raise local_error(exc, "create a staging folder in", str(root)) from exc
             self._staging[root] = staging
         staged = os.path.join(staging, str(len(self._moves)))
         self._moves.append((staged, root, target))
@@ -106,7 +106,7 @@ class Placement:
                     made.add(parent)
                 os.replace(staged, target)
         except OSError as exc:
-            raise _local_error(exc, "move a verified file into", str(target)) from exc
+            raise local_error(exc, "move a verified file into", str(target)) from exc
         finally:
             self.abort()
 

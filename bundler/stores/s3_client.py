@@ -9,7 +9,7 @@ Why rebuilt after fork: a forked child must not share its parent's sockets, and 
 been held by a parent thread at fork time. ``os.register_at_fork`` resets both in the child; the
 pid check covers interpreters where that hook cannot run.
 
-boto3 is imported here, inside :func:`_build`, so importing kernel-bundler never pays for it.
+botocore is imported here, inside :func:`_build`, so importing kernel-bundler never pays for it.
 """
 
 from __future__ import annotations
@@ -94,7 +94,10 @@ def clear_clients() -> None:
 
 
 def _build(config: ClientConfig) -> Any:
-    import boto3.session
+    # botocore alone: boto3 adds s3transfer and resource machinery we never use, ~50 ms per
+    # process (measured in benchmarks/bench_pull.py's profile). botocore's session resolves the
+    # same credential chain, profiles, region and AWS_ENDPOINT_URL* settings.
+    import botocore.session
     from botocore.config import Config
 
     botocore_config = Config(
@@ -112,8 +115,8 @@ def _build(config: ClientConfig) -> Any:
         response_checksum_validation="when_required",
         user_agent_appid=f"kernel-bundler-{__version__}",
     )
-    session = boto3.session.Session()
-    return session.client(
+    session = botocore.session.get_session()
+    return session.create_client(
         "s3", endpoint_url=config.endpoint_url, region_name=config.region, config=botocore_config
     )
 
