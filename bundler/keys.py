@@ -23,6 +23,7 @@ import json
 import logging
 import platform
 import re
+import sys
 import tokenize
 
 from bundler.manifest import FORMAT_VERSION
@@ -134,13 +135,35 @@ def backend_hash() -> str:
         if knobs.runtime.interpret:
             return interpreter_backend()
         from triton.compiler.compiler import make_backend
-        from triton.runtime.driver import driver
 
-        target = driver.active.get_current_target()
+        target = _target_without_driver() or _driver_target()
         return f"{target.backend}-{target.arch}-{target.warp_size}-{make_backend(target).hash()}"
     except Exception as exc:  # no GPU: "0 active drivers", missing libcuda, ...
         log.debug("no active Triton GPU driver (%s); keying as the CPU interpreter", exc)
         return interpreter_backend()
+
+
+def _target_without_driver():  # noqa: ANN202 - a triton GPUTarget
+    """The CUDA target from an already-imported torch, without starting Triton's driver.
+
+    Starting the driver builds Triton's ``cuda_utils`` helper with the C compiler when it is not
+    cached, and that happens before a session records anything, so the helper never reached the
+    bundle and every warm start compiled it again (seen on an H200 with Triton 3.6,
+    benchmarks/gpu_results.md). ``make_backend(target).hash()`` needs only the target.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or getattr(torch.version, "hip", None) or not torch.cuda.is_available():
+        return None
+    from triton.backends.compiler import GPUTarget
+
+    major, minor = torch.cuda.get_device_capability()
+    return GPUTarget("cuda", major * 10 + minor, 32)
+
+
+def _driver_target():  # noqa: ANN202 - a triton GPUTarget
+    from triton.runtime.driver import driver
+
+    return driver.active.get_current_target()
 
 
 def version_salt(tag: str | None = None, *, triton: str | None = None, backend: str | None = None) -> str:

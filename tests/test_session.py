@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +17,9 @@ from typing import Any
 import pytest
 
 import bundler
+from bundler import keys
 from bundler import session as session_mod
+from bundler.config import Settings
 from bundler.errors import StoreUnreachableError
 from bundler.stores import layout, open_store
 from bundler.stores.base import Store
@@ -143,3 +151,145 @@ def test_module_level_begin_put_end(tmp_path: Path, local_store_url: str) -> Non
     assert bundler.end_compile() is None
     with pytest.raises(TypeError):
         bundler.begin_compile(code="a", code_hash="b", settings=settings)
+
+
+# --- failure policy, key derivation off the caller's thread, fork safety -------------------------
+
+
+def test_invalid_environment_disables_the_session_instead_of_raising(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("BUNDLER_MAX_ATTEMPTS", "99")
+    with caplog.at_level(logging.WARNING):
+        s = bundler.begin_compile(code=CODE)
+        bundler.put(tmp_path / "some-file")
+        assert bundler.end_compile() is None
+    assert not s.enabled and "BUNDLER_MAX_ATTEMPTS" in caplog.text
+
+
+def test_local_cache_off_alone_turns_bundles_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("BUNDLER_BUNDLES", "BUNDLER_LOCAL_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BUNDLER_LOCAL_CACHE", "0")
+    settings = Settings.from_env()
+    assert settings.local_cache is False and settings.bundles is False
+    assert Settings.from_env({"BUNDLER_LOCAL_CACHE": "0"}, bundles=False).bundles is False
+    assert not session_mod.CompileSession(code=CODE).enabled
+
+
+def test_put_of_a_file_that_vanished_is_a_warning(tmp_path: Path, local_store_url: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    settings = node_settings(tmp_path, "a", local_store_url)
+    group = fake_kernel(settings)["group"]
+    group.unlink()
+    with caplog.at_level(logging.WARNING), bundler.compile_session(code=CODE, settings=settings) as s:
+        bundler.put(group)
+        s.put(group)
+    assert caplog.text.count("cannot read it") == 2 and s.pushed is None
+
+
+def test_settings_with_string_paths_work_end_to_end(tmp_path: Path, local_store_url: str) -> None:
+    produce(tmp_path, local_store_url)
+    warm = Settings(cache_dir=str(tmp_path / "b" / "bundler"), triton_cache_dir=str(tmp_path / "b" / "triton"),
+                    remote=local_store_url, pull_budget=10.0)
+    assert isinstance(warm.cache_dir, Path) and isinstance(warm.triton_cache_dir, Path)
+    with bundler.compile_session(code=CODE, settings=warm) as s:
+        assert s.sync() is True
+
+
+_BEGIN_IN_A_FRESH_PROCESS = """
+import sys, threading, time
+importers = []
+
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton":
+            importers.append(threading.current_thread().name)
+        return None
+
+sys.meta_path.insert(0, Spy())
+import bundler
+from bundler.config import Settings
+settings = Settings(cache_dir=sys.argv[1] + "/c", triton_cache_dir=sys.argv[1] + "/t", remote=sys.argv[2])
+started = time.monotonic()
+session = bundler.begin_compile(code="def f(): pass", settings=settings)
+took = time.monotonic() - started
+assert "MainThread" not in importers, importers
+session.sync()
+assert session.ref_name.startswith("compile-") and importers == ["bundler-fetch"], importers
+bundler.end_compile()
+print(took)
+"""
+
+
+def test_begin_compile_returns_without_importing_triton_on_the_callers_thread(
+        tmp_path: Path, local_store_url: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", _BEGIN_IN_A_FRESH_PROCESS, str(tmp_path), local_store_url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip()) < 0.5  # the Triton import alone takes about a second
+
+
+def test_session_key_is_there_for_ref_name_and_push(tmp_path: Path, local_store_url: str) -> None:
+    settings = node_settings(tmp_path, "a", local_store_url)
+    s = session_mod.CompileSession(code=CODE, settings=settings).begin()
+    assert s.ref_name == f"compile-{keys.compile_key(code=CODE, tag=settings.tag)}"
+    s.put(fake_kernel(settings)["add.cubin"])
+    assert s.end() is not None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_does_not_deadlock_on_locks_held_at_the_fork() -> None:
+    """A DataLoader worker forked while the fetch thread records must not hang on those locks."""
+    from bundler import autotune, recording
+
+    recorder = recording.Recorder()
+    recording.attach(recorder)
+    held = [recording._active_lock, recording._process._lock, recorder._lock,
+            session_mod._sessions_lock, autotune._stats_lock]
+    release = threading.Event()
+
+    def hold_all() -> None:
+        with contextlib.ExitStack() as stack:
+            for lock in held:
+                stack.enter_context(lock)
+            holding.set()
+            release.wait(10)
+
+    holding = threading.Event()
+    thread = threading.Thread(target=hold_all)
+    thread.start()
+    holding.wait(5)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: every one of these would block forever on an inherited lock
+            signal.alarm(10)
+            recording.record("autotune/x.json", b"{}")
+            session_mod.current()
+            autotune.stats()
+            os._exit(0)
+    finally:
+        release.set()
+        thread.join()
+        recording.detach(recorder)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+_LAYERS = """
+import sys
+import bundler
+from bundler import artifacts, recording, session
+from bundler.config import Settings
+settings = Settings(cache_dir=sys.argv[1] + "/c", triton_cache_dir=sys.argv[1] + "/t", remote=sys.argv[2])
+with bundler.compile_session(code_hash="0" * 64, settings=settings):
+    pass
+upward = sorted(m for m in sys.modules if m.startswith(("bundler.integrations", "bundler.autotune")))
+assert not upward, upward
+from bundler.integrations.triton_groups import GroupFileRewriter  # the CLI's import path still works
+"""
+
+
+def test_sessions_artifacts_and_recording_import_nothing_above_them(tmp_path: Path, local_store_url: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", _LAYERS, str(tmp_path), local_store_url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]

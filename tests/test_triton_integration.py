@@ -4,6 +4,7 @@ genuine kernel caches (cubin, ptx, group files) compiled for sm_90 on this CPU."
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from triton.runtime.cache import FileCacheManager, RemoteCacheManager
 
 import bundler
 from bundler.integrations import triton as bt
-from bundler.integrations import triton_cache, triton_groups
+from bundler.integrations import triton_cache, triton_groups, triton_remote
 from bundler.integrations.triton_remote import StoreRemoteCacheBackend
 from bundler.stores import open_store
 
@@ -163,3 +164,73 @@ def test_recording_manager_records_writes_and_hits(tmp_path: Path, triton_env) -
         assert any(n.endswith("/add_kernel.cubin") for n in names), expected
         group = next(v for n, v in names.items() if n.endswith("__grp__add_kernel.json"))
         assert str(tmp_path) not in group.decode()  # recorded in portable form
+
+
+# --- review fixes: signing, odd names, dependency-aware kernel identity ---------------------------
+
+
+def test_remote_cache_backend_loads_nothing_when_signatures_are_required(
+        local_store_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("BUNDLER_REMOTE", local_store_url)
+    StoreRemoteCacheBackend("KEY").put("k.cubin", b"\x7fELF")
+    assert StoreRemoteCacheBackend("KEY").get(["k.cubin"]) == {"k.cubin": b"\x7fELF"}
+    monkeypatch.setattr(triton_remote, "_unsigned_refused", False)
+    monkeypatch.setenv("BUNDLER_SIGNING_KEY", "secret")
+    with caplog.at_level(logging.WARNING):
+        assert StoreRemoteCacheBackend("KEY").get(["k.cubin"]) == {}
+        assert StoreRemoteCacheBackend("KEY").get(["k.cubin"]) == {}
+    assert len([r for r in caplog.records if "BUNDLER_SIGNING_KEY" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("name", ["a" * 250 + ".cubin", "k$1.json", "../x", "sub/dir.ptx", "", "..", "\udc80"])
+def test_every_triton_file_name_maps_to_a_valid_distinct_key(name: str) -> None:
+    key = triton_remote.triton_object_key("KEY", name)
+    assert key.startswith("v1/triton/KEY/sha256-")
+    assert key != triton_remote.triton_object_key("KEY", name + "x")
+    assert triton_remote.triton_object_key("KEY", key.rsplit("/", 1)[1]) != key  # hashed names hash again
+    assert triton_remote.triton_object_key("KEY", "add.cubin") == "v1/triton/KEY/add.cubin"
+
+
+def test_remote_cache_backend_round_trips_odd_names(local_store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUNDLER_REMOTE", local_store_url)
+    odd = "k$" + "x" * 300
+    StoreRemoteCacheBackend("KEY").put(odd, b"data")
+    assert StoreRemoteCacheBackend("KEY").get([odd]) == {odd: b"data"}
+
+
+_KERNELS = '''
+import triton
+import triton.language as tl
+
+SCALE = tl.constexpr({scale})
+
+
+@triton.jit
+def helper(x):
+    return x + {step}
+
+
+@triton.jit
+def kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, helper(tl.load(x_ptr + offsets)) * SCALE, mask=offsets < n)
+'''
+
+
+def _kernel_code_hash(directory: Path, **facts: int) -> str:
+    import importlib.util
+
+    directory.mkdir(parents=True)
+    (directory / "kernels.py").write_text(_KERNELS.format(**{"scale": 2, "step": 1, **facts}))
+    spec = importlib.util.spec_from_file_location(f"kernels_{directory.name}", directory / "kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tuner = triton.autotune(configs=tk.configs(), key=["n"])(module.kernel)
+    return bt.TuningResults(tuner, node_settings(directory, "n", None))._kernel_identity()[2]
+
+
+def test_kernel_identity_covers_jit_helpers_and_constexpr_globals(tmp_path: Path) -> None:
+    base = _kernel_code_hash(tmp_path / "base")
+    assert _kernel_code_hash(tmp_path / "same") == base
+    assert _kernel_code_hash(tmp_path / "helper", step=2) != base
+    assert _kernel_code_hash(tmp_path / "constexpr", scale=3) != base

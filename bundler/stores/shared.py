@@ -36,9 +36,13 @@ READ_RETRY_S = 300.0
 _clock = time.monotonic  # a module attribute so tests can move time forward
 
 
-@functools.lru_cache(maxsize=8)
 def shared_store(settings: Settings) -> Any:
     """The store of ``settings.remote``, opened once per process and shared by every user."""
+    return _opened(settings)
+
+
+@functools.lru_cache(maxsize=8)
+def _opened(settings: Settings) -> Any:
     from bundler.stores import open_store
 
     return open_store(settings.remote, settings)
@@ -103,14 +107,14 @@ def remote_failed(settings: Settings, action: str, key: str, exc: BaseException)
 
 def reset() -> None:
     """Forget opened stores and tripped breakers (tests, or after changing credentials)."""
-    shared_store.cache_clear()
+    _opened.cache_clear()
     for breaker in _breakers.values():
         breaker.forget()
 
 
 def _after_fork_in_child() -> None:
     # The child keeps what the parent learned about the remote's health, but not its connections.
-    shared_store.cache_clear()
+    _opened.cache_clear()
     for breaker in _breakers.values():
         breaker.after_fork()
 
