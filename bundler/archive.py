@@ -99,7 +99,7 @@ class _Extractor(_Hasher):
             check_hash(record, self._digest)
             return
         check_hash(record, self._digest)
-        data = self._rewrite(record.path, b"".join(self._held), self._target)  # type: ignore[misc]
+        data = self._rewrite(record.path, b"".join(self._held), Path(self._target))  # type: ignore[misc]
         self._held = None
         self._fd = self._open()
         self.data(memoryview(data))  # hashes the new bytes into a digest nobody checks: harmless

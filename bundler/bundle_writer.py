@@ -63,9 +63,9 @@ def default_producer() -> dict[str, str]:
     return facts
 
 
-def _collect(source: Source) -> list[tuple[str, Path | bytes]]:
+def _collect(source: Source) -> list[tuple[str, str | bytes]]:
     if isinstance(source, Mapping):
-        items = [(name, data if isinstance(data, bytes) else Path(data)) for name, data in source.items()]
+        items = [(name, data if isinstance(data, bytes) else os.fspath(data)) for name, data in source.items()]
     else:
         items = list(_walk(Path(source)))
     for name, _ in items:
@@ -74,22 +74,31 @@ def _collect(source: Source) -> list[tuple[str, Path | bytes]]:
     return items
 
 
-def _walk(root: Path) -> Iterator[tuple[str, Path]]:
+def _walk(root: Path) -> Iterator[tuple[str, str]]:
+    """Every regular file under ``root`` as (relative posix name, path), via scandir's cached types.
+
+    pathlib per file cost as much as compressing a small cache; DirEntry answers is-it-a-link
+    and is-it-a-file from the directory listing itself on Linux.
+    """
     if not root.is_dir():
         raise BundleError(f"cannot pack {root}: not a directory")
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(STAGING_PREFIX)]
-        for link in (d for d in dirnames if os.path.islink(os.path.join(dirpath, d))):
-            raise UnsafeMemberError(_link_message(Path(dirpath, link)))
-        for filename in filenames:
-            path = Path(dirpath, filename)
-            if path.is_symlink():
-                raise UnsafeMemberError(_link_message(path))
-            if not path.is_file():
-                raise UnsafeMemberError(
-                    f"cannot pack {path}: not a regular file (bundles hold regular files only)"
-                )
-            yield path.relative_to(root).as_posix(), path
+    pending = [(os.fspath(root), "")]
+    while pending:
+        folder, prefix = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = prefix + entry.name
+                if entry.is_symlink():
+                    raise UnsafeMemberError(_link_message(Path(entry.path)))
+                if entry.is_dir():
+                    if not entry.name.startswith(STAGING_PREFIX):
+                        pending.append((entry.path, name + "/"))
+                elif entry.is_file():
+                    yield name, entry.path
+                else:
+                    raise UnsafeMemberError(
+                        f"cannot pack {entry.path}: not a regular file (bundles hold regular files only)"
+                    )
 
 
 def _link_message(path: Path) -> str:
@@ -109,7 +118,7 @@ def _read_whole(fd: int, size: int) -> bytes:
     return data
 
 
-def _file_chunks(origin: Path, name: str) -> tuple[int, Iterator[bytes]]:
+def _file_chunks(origin: str, name: str) -> tuple[int, Iterator[bytes]]:
     """Open a source file once: its size (for the tar header) and an iterator over its bytes.
 
     Small files (nearly all of a cache) are read in one call; a file whose size changes while it
@@ -146,11 +155,11 @@ def _file_chunks(origin: Path, name: str) -> tuple[int, Iterator[bytes]]:
     return size, chunks()
 
 
-def _changed(origin: Path) -> BundleError:
+def _changed(origin: str) -> BundleError:
     return BundleError(f"{origin} changed size while it was being packed; pack again once the cache is quiet")
 
 
-def _write_members(items: list[tuple[str, Path | bytes]], writer: BinaryIO) -> list[FileRecord]:
+def _write_members(items: list[tuple[str, str | bytes]], writer: BinaryIO) -> list[FileRecord]:
     """Stream every member into ``writer`` while hashing it: each file is read exactly once.
 
     Writes go to zstd in batches of about a megabyte: thousands of small writes cost more in

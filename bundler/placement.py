@@ -76,7 +76,7 @@ class Placement:
             )
         return root, os.path.join(root, rest)
 
-    def stage(self, name: str) -> tuple[str, Path]:
+    def stage(self, name: str) -> tuple[str, str]:
         """A fresh staging path for member ``name``, and its final target."""
         root, target = self._target(name)
         staging = self._staging.get(root)
@@ -91,7 +91,7 @@ class Placement:
             self._staging[root] = staging
         staged = os.path.join(staging, str(len(self._moves)))
         self._moves.append((staged, root, target))
-        return staged, Path(target)
+        return staged, target
 
     def commit(self) -> None:
         """Check every target, then move all staged files into place."""
@@ -132,7 +132,7 @@ class Placement:
         for _staged, root, target in self._moves:
             parent = os.path.dirname(target)
             if parent not in checked:
-                _check_parent(root, real_roots[root], Path(target))
+                _check_parent(os.fspath(root), real_roots[root], parent)
                 checked.add(parent)
             try:
                 mode = os.lstat(target).st_mode
@@ -170,17 +170,19 @@ def _sweep_stale_staging(root: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _check_parent(root: Path, real_root: str, target: Path) -> None:
-    """Every existing folder between root and target must resolve inside the root."""
+def _check_parent(root: str, real_root: str, parent: str) -> None:
+    """Every existing folder between root and ``parent`` must resolve inside the root."""
     current = root
-    for part in target.relative_to(root).parts[:-1]:
-        current = current / part
+    for part in os.path.relpath(parent, root).split(os.sep):
+        if part == os.curdir:
+            return
+        current = os.path.join(current, part)
         if not os.path.lexists(current):
             return  # the rest is created by us, fresh
         real = os.path.realpath(current)
         if real != real_root and not real.startswith(real_root + os.sep):
             raise UnsafeMemberError(
-                f"{current} is a link to {real}, outside {root}; refusing to write {target.name} through it. "
+                f"{current} is a link to {real}, outside {root}; refusing to write through it. "
                 "Remove the link from the cache directory"
             )
         if not os.path.isdir(real):
