@@ -94,8 +94,9 @@ class Settings:
             unpacking, so a hostile frame cannot make us allocate gigabytes.
         max_bundle_bytes (``BUNDLER_MAX_BUNDLE_BYTES``) / max_members (``BUNDLER_MAX_MEMBERS``):
             limits on what one bundle may unpack to, checked before bytes are written.
-        signing_key (``BUNDLER_SIGNING_KEY``): shared secret; when set, refs are signed on push and
-            unsigned or wrongly signed refs are rejected on pull.
+        signing_key (``BUNDLER_SIGNING_KEY``): shared secret; when set, refs and remote autotune
+            records are signed on write, unsigned or wrongly signed ones are rejected on read, and
+            the Triton remote cache backend (unsigned raw objects) loads nothing.
 
     Local caches and switches
         cache_dir (``BUNDLER_CACHE_DIR``): root of our local cache (autotune records, bundle
