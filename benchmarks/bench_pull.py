@@ -32,13 +32,11 @@ from harness import (  # noqa: E402
     DOWNLOAD_FILE,
     PER_FILE_GET,
     PER_FILE_PUT,
-    cleanup,
     delete_prefix,
-    moto_s3,
-    pick_corpora,
     row_vs,
     run_checked,
     s3_client,
+    s3_main,
     scratch,
     timed,
     tree_files,
@@ -132,33 +130,7 @@ def bench(label: str, src: Path, endpoint: str, args: argparse.Namespace) -> lis
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5, help="runs per timing of ours and the baseline (median)")
-    parser.add_argument("--unbundled-repeat", type=int, default=2, help="runs of the slow per-file fetch")
-    parser.add_argument("--skip-unbundled", action="store_true", help="leave out the per-file fetch")
-    parser.add_argument("--corpus", choices=("synthetic", "real", "all"), default="all")
-    args = parser.parse_args()
-    for tool in ("tar", "zstd"):
-        if not shutil.which(tool):
-            sys.exit(f"{tool} is needed for the baseline; install it (apt-get install {tool})")
-    print(
-        f"bench_pull: {os.cpu_count()} cores, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-        f"moto S3 on loopback; destinations on tmpfs; median of {args.repeat} runs "
-        f"({args.unbundled_repeat} for unbundled); whole commands incl. interpreter start",
-        flush=True,
-    )
-    tuned = {k: v for k, v in os.environ.items() if k.startswith("BUNDLER_")}
-    if tuned:
-        print(f"settings from the environment: {tuned}")
-    try:
-        with moto_s3() as endpoint:
-            s3_client(endpoint).create_bucket(Bucket=BUCKET)
-            for label, src in pick_corpora(args.corpus).items():
-                for line in bench(label, src, endpoint, args):
-                    print(line, flush=True)
-    finally:
-        cleanup()
-    print(f"load at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    s3_main(__doc__, "bench_pull", "fetch", "destinations on tmpfs", bench, BUCKET)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import shlex
 import shutil
 import sys
@@ -29,13 +28,11 @@ from harness import (  # noqa: E402
     BUNDLER,
     PER_FILE_PUT,
     UPLOAD_FILE,
-    cleanup,
     delete_prefix,
-    moto_s3,
-    pick_corpora,
     row_vs,
     run_checked,
     s3_client,
+    s3_main,
     scratch,
     timed,
     tree_files,
@@ -115,33 +112,7 @@ def bench(label: str, src: Path, endpoint: str, args: argparse.Namespace) -> lis
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5, help="runs per timing of ours and the baseline (median)")
-    parser.add_argument("--unbundled-repeat", type=int, default=2, help="runs of the slow per-file upload")
-    parser.add_argument("--skip-unbundled", action="store_true", help="leave out the per-file upload")
-    parser.add_argument("--corpus", choices=("synthetic", "real", "all"), default="all")
-    args = parser.parse_args()
-    for tool in ("tar", "zstd"):
-        if not shutil.which(tool):
-            sys.exit(f"{tool} is needed for the baseline; install it (apt-get install {tool})")
-    print(
-        f"bench_push: {os.cpu_count()} cores, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-        f"moto S3 on loopback; sources and temp files on tmpfs; median of {args.repeat} runs "
-        f"({args.unbundled_repeat} for unbundled); whole commands incl. interpreter start",
-        flush=True,
-    )
-    tuned = {k: v for k, v in os.environ.items() if k.startswith("BUNDLER_")}
-    if tuned:
-        print(f"settings from the environment: {tuned}")
-    try:
-        with moto_s3() as endpoint:
-            s3_client(endpoint).create_bucket(Bucket=BUCKET)
-            for label, src in pick_corpora(args.corpus).items():
-                for line in bench(label, src, endpoint, args):
-                    print(line, flush=True)
-    finally:
-        cleanup()
-    print(f"load at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    s3_main(__doc__, "bench_push", "upload", "sources and temp files on tmpfs", bench, BUCKET)
 
 
 if __name__ == "__main__":

@@ -192,3 +192,36 @@ DOWNLOAD_FILE = (
 UPLOAD_FILE = (
     "import sys, boto3; e, b, k, f = sys.argv[1:5]; boto3.client('s3', endpoint_url=e).upload_file(f, b, k)"
 )
+
+
+def s3_main(doc: str, name: str, what: str, where: str, bench: Callable, bucket: str) -> None:
+    """The shared command line and loop of bench_pull and bench_push: one moto server, each corpus."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5, help="runs per timing of ours and the baseline (median)")
+    parser.add_argument("--unbundled-repeat", type=int, default=2, help=f"runs of the slow per-file {what}")
+    parser.add_argument("--skip-unbundled", action="store_true", help=f"leave out the per-file {what}")
+    parser.add_argument("--corpus", choices=("synthetic", "real", "all"), default="all")
+    args = parser.parse_args()
+    for tool in ("tar", "zstd"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is needed for the baseline; install it (apt-get install {tool})")
+    print(
+        f"{name}: {os.cpu_count()} cores, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"moto S3 on loopback; {where}; median of {args.repeat} runs "
+        f"({args.unbundled_repeat} for unbundled); whole commands incl. interpreter start",
+        flush=True,
+    )
+    tuned = {k: v for k, v in os.environ.items() if k.startswith("BUNDLER_")}
+    if tuned:
+        print(f"settings from the environment: {tuned}")
+    try:
+        with moto_s3() as endpoint:
+            s3_client(endpoint).create_bucket(Bucket=bucket)
+            for label, src in pick_corpora(args.corpus).items():
+                for line in bench(label, src, endpoint, args):
+                    print(line, flush=True)
+    finally:
+        cleanup()
+    print(f"load at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
