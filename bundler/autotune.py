@@ -38,7 +38,6 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any
 from bundler import keys, recording, signing
 from bundler.config import Settings
 from bundler.errors import ConfigError, NotFoundError
+from bundler.fileio import write_atomically
 from bundler.stores import layout, shared
 
 log = logging.getLogger(__name__)
@@ -342,15 +342,7 @@ class AutotuneCache:
         """Temp file in the same directory, then ``os.replace``: readers see all of it or nothing."""
         path = self.local_path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            write_atomically(path, data)
         except OSError as exc:
             log.warning("autotune cache: cannot write %s (%s); the result is kept only in memory", path, exc)
 

@@ -11,9 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -43,25 +41,16 @@ def _open_input(path: str) -> Iterator[BinaryIO]:
 
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[BinaryIO]:
-    """A file that appears at ``path`` complete or not at all."""
+    """A file that appears at ``path`` complete or not at all (``-``: stdout)."""
     if path == "-":
         yield sys.stdout.buffer
         return
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise BundlerError(f"cannot write {path}: folder {target.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent or ".")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a bundle is meant to be shared
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    if not Path(path).parent.is_dir():
+        raise BundlerError(f"cannot write {path}: folder {Path(path).parent} does not exist; create it first")
+    from bundler.fileio import atomic_writer
+
+    with atomic_writer(path) as f:
+        yield f
 
 
 def relocator(args: argparse.Namespace):

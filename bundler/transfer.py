@@ -8,11 +8,9 @@ while the bytes arrive, nothing visible until all of it checked.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,6 +20,7 @@ from bundler import archive, refs
 from bundler import manifest as manifest_format
 from bundler.config import Settings
 from bundler.errors import BundleError, ConfigError
+from bundler.fileio import write_atomically
 from bundler.manifest import Manifest
 from bundler.placement import Destination, Placement
 from bundler.progress import NULL_PROGRESS, Progress
@@ -146,7 +145,7 @@ def pull(
             log.info("bundle %s already unpacked on this machine; not downloading it again", digest)
             return PullResult(digest, man, found)
         man = _download(store, dest, digest, found, settings, rewrite, progress)
-        _write_atomically(done, man.encode())
+        _record_unpacked(done, man)
         return PullResult(digest, man, found)
     finally:
         lock.release()
@@ -158,6 +157,13 @@ def _download(store: Store, dest: Destination, digest: str, found: Ref | None, s
         man = archive.unpack(stream, dest, expected_digest=digest, settings=settings, rewrite=rewrite)
     log.info("pulled bundle %s: %d files, %d bytes", digest, len(man.files), man.total_size)
     return man
+
+
+def _record_unpacked(done: Path, man: Manifest) -> None:
+    try:
+        write_atomically(done, man.encode())
+    except OSError as exc:
+        log.debug("could not record %s (%s); the next process downloads again", done, exc)
 
 
 def _already_unpacked(done: Path, digest: str, dest: Destination, settings: Settings) -> Manifest | None:
@@ -173,17 +179,6 @@ def _already_unpacked(done: Path, digest: str, dest: Destination, settings: Sett
     except (OSError, BundleError):
         pass
     return None
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.debug("could not record %s (%s); the next process downloads again", path, exc)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 class _Tee:
