@@ -6,8 +6,15 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Users run Triton 3.6 on GPU machines and the newest Triton elsewhere: the Triton-facing tests
+# run against both.
+OLD_TRITON  ?= triton==3.6.0
+VENV_OLD    ?= .venv-triton36
+STAMP_OLD   := $(VENV_OLD)/.installed
+TRITON_TESTS = tests/test_triton_integration.py tests/test_autotune.py tests/test_session.py \
+               tests/test_artifacts.py tests/test_real_caches.py tests/test_keys.py
 
-.PHONY: test demo lint bench clean
+.PHONY: test test-triton-old demo lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +22,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH)" -e ".[test,triton]"
 	touch $(STAMP)
 
-test: $(STAMP)
+$(STAMP_OLD): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_OLD)
+	$(VENV_OLD)/bin/python -m pip install -q --upgrade pip
+	$(VENV_OLD)/bin/python -m pip install -q "$(TORCH)" "$(OLD_TRITON)" numpy -e ".[test]"
+	touch $(STAMP_OLD)
+
+test: $(STAMP) $(STAMP_OLD)
 	$(PY) -m ruff check bundler tests benchmarks examples
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-triton-old
+
+test-triton-old: $(STAMP_OLD)
+	$(VENV_OLD)/bin/python -c "import triton; print('Triton-facing tests on Triton', triton.__version__)"
+	$(VENV_OLD)/bin/python -m pytest -n 2 $(PYTEST_ARGS) $(TRITON_TESTS)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -32,4 +50,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pull.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
+	rm -rf $(VENV) $(VENV_OLD) .pytest_cache .ruff_cache .hypothesis build dist *.egg-info

@@ -46,7 +46,7 @@ def test_compile_key_needs_exactly_one_of_code_and_hash() -> None:
     assert keys.compile_key(code=SOURCE, salt="s") == keys.compile_key(code_hash=keys.code_hash(SOURCE), salt="s")
 
 
-@pytest.mark.parametrize("change", [{"tag": "v2"}, {"triton": "3.6.0"}, {"backend": "cuda-90-32-12.8"}])
+@pytest.mark.parametrize("change", [{"tag": "v2"}, {"triton": "2.3.1"}, {"backend": "cuda-90-32-12.8"}])
 def test_version_salt_changes_with_each_fact(change: dict[str, str]) -> None:
     base = {"tag": "", "triton": "3.9.0", "backend": "cpu-interpreter-x86_64"}
     assert keys.version_salt(**base) != keys.version_salt(**{**base, **change})  # type: ignore[arg-type]

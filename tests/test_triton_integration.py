@@ -59,12 +59,12 @@ def test_moved_cache_hits_and_each_version_fact_misses(tmp_path: Path) -> None:
     shutil.copytree(tmp_path / "a", tmp_path / "moved" / "deeper")
 
     moved = node_settings(tmp_path / "moved", "deeper", None)
-    phases = ["", "triton=3.6.0", "backend=cuda-90-32-ptxas12.8", "configs=wider"]
+    phases = ["", "triton=2.3.1", "backend=cuda-90-32-ptxas12.8", "configs=wider"]
     result = run_job(moved, *[arg for spec in phases for arg in ("--phase", spec)])
     calls = {p["spec"]: p["bench_calls"] for p in result["phases"]}
     assert calls == {
         "": 0,  # relocated local cache still hits
-        "triton=3.6.0": COLD_CALLS,
+        "triton=2.3.1": COLD_CALLS,
         "backend=cuda-90-32-ptxas12.8": COLD_CALLS,
         "configs=wider": 8,  # another candidate list (4 configs x 2 sizes): a miss
     }
