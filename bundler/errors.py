@@ -72,12 +72,6 @@ class NotFoundError(StoreError):
     exit_code = 3
 
 
-class AlreadyExistsError(StoreError):
-    """A create-only write found the key already present (a race that another writer won)."""
-
-    exit_code = 1
-
-
 class StoreUnreachableError(StoreError):
     """The store did not answer within the configured time budget, or refused the connection."""
 

@@ -237,7 +237,6 @@ def test_session_key_is_there_for_ref_name_and_push(tmp_path: Path, local_store_
     assert s.end() is not None
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_does_not_deadlock_on_locks_held_at_the_fork() -> None:
     """A DataLoader worker forked while the fetch thread records must not hang on those locks."""
     from bundler import autotune, recording
