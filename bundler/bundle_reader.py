@@ -42,6 +42,7 @@ _MANIFEST_BYTES_PER_MEMBER = 256
 #: beyond this much padding is not padding, and decompressing it would only burn CPU.
 _MAX_TRAILING_ZEROS = 64 << 10
 _MAX_PAX_HEADER = 1 << 20
+_ZERO_BLOCK = bytes(tarformat.BLOCK)
 
 
 class _Source:
@@ -77,6 +78,10 @@ class _Source:
             yield piece
 
     def read(self, size: int) -> bytes:
+        if len(self._view) >= size:  # the common case (headers, padding): one slice, no generator
+            piece = self._view[:size]
+            self._view = self._view[size:]
+            return piece.tobytes()
         return b"".join(self.pieces(size))
 
     def rest_is_zero(self, limit: int) -> bool:
@@ -94,7 +99,7 @@ class _Source:
 def _member_header(src: _Source, expected: str) -> tarformat.Header | None:
     """The next file header (pax records folded in), or None at the end-of-archive marker."""
     block = src.read(tarformat.BLOCK)
-    if block == b"\0" * tarformat.BLOCK:
+    if block == _ZERO_BLOCK:
         return None
     header = tarformat.parse_header(block)
     if header.typeflag != b"x":
