@@ -179,9 +179,14 @@ def read_manifest(stream: BinaryIO, *, settings: Settings | None = None) -> Mani
 def iter_files(
     stream: BinaryIO, *, expected_digest: str | None = None, settings: Settings | None = None
 ) -> Iterator[tuple[FileRecord, bytes]]:
-    """Each verified member with its bytes, for small bundles consumed in memory (inspection, tests)."""
+    """Each member with its bytes, for small bundles inspected in memory.
+
+    Nothing is yielded until the whole bundle verified (every hash, the end of the archive, no
+    trailing data), so a caller never acts on a member of a bundle that turns out to be bad.
+    """
     if expected_digest is not None:
         manifest.check_digest(expected_digest)
+    files: list[tuple[FileRecord, bytes]] = []
     pieces: list[bytes] = []
     for kind, value in bundle_reader.events(stream, settings or Settings.from_env(), expected_digest):
         if kind == BEGIN:
@@ -191,4 +196,5 @@ def iter_files(
         elif kind == END:
             data = b"".join(pieces)
             check_hash(value, hashlib.sha256(data))  # type: ignore[arg-type]
-            yield value, data  # type: ignore[misc]
+            files.append((value, data))  # type: ignore[arg-type]
+    yield from files

@@ -23,7 +23,7 @@ import zstandard
 
 from bundler import __version__, manifest, tarformat
 from bundler.config import Settings
-from bundler.errors import BundleError, UnsafeMemberError
+from bundler.errors import BundlerError, NotFoundError, UnsafeMemberError
 from bundler.manifest import MANIFEST_NAME, FileRecord, Manifest
 from bundler.placement import STAGING_PREFIX
 
@@ -81,7 +81,9 @@ def _walk(root: Path) -> Iterator[tuple[str, str]]:
     and is-it-a-file from the directory listing itself on Linux.
     """
     if not root.is_dir():
-        raise BundleError(f"cannot pack {root}: not a directory")
+        if not root.exists():
+            raise NotFoundError(f"cannot pack {root}: no such directory")
+        raise BundlerError(f"cannot pack {root}: not a directory")
     pending = [(os.fspath(root), "")]
     while pending:
         folder, prefix = pending.pop()
@@ -127,7 +129,7 @@ def _file_chunks(origin: str, name: str) -> tuple[int, Iterator[bytes]]:
     try:
         fd = os.open(origin, os.O_RDONLY)
     except OSError as exc:
-        raise BundleError(f"cannot read {origin} to pack it as {name!r}: {exc.strerror or exc}") from exc
+        raise BundlerError(f"cannot read {origin} to pack it as {name!r}: {exc.strerror or exc}") from exc
 
     def chunks() -> Iterator[bytes]:
         try:
@@ -147,7 +149,7 @@ def _file_chunks(origin: str, name: str) -> tuple[int, Iterator[bytes]]:
             if os.read(fd, 1):
                 raise _changed(origin)
         except OSError as exc:
-            raise BundleError(f"cannot read {origin} to pack it as {name!r}: {exc.strerror or exc}") from exc
+            raise BundlerError(f"cannot read {origin} to pack it as {name!r}: {exc.strerror or exc}") from exc
         finally:
             os.close(fd)
 
@@ -155,8 +157,8 @@ def _file_chunks(origin: str, name: str) -> tuple[int, Iterator[bytes]]:
     return size, chunks()
 
 
-def _changed(origin: str) -> BundleError:
-    return BundleError(f"{origin} changed size while it was being packed; pack again once the cache is quiet")
+def _changed(origin: str) -> BundlerError:
+    return BundlerError(f"{origin} changed size while it was being packed; pack again once the cache is quiet")
 
 
 def _write_members(items: list[tuple[str, str | bytes]], writer: BinaryIO) -> list[FileRecord]:

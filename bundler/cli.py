@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -61,7 +62,7 @@ def relocator(args: argparse.Namespace):
     """
     if getattr(args, "raw", False):
         return None
-    from bundler.integrations.triton_groups import GroupFileRewriter
+    from bundler.relocate import GroupFileRewriter
 
     return GroupFileRewriter()
 
@@ -228,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BundlerError as exc:
         print(f"bundler: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (`bundler inspect --files | head`): not an error worth a message.
+        # Point stdout at devnull so the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         print(f"bundler: error:{where} {exc.strerror or exc}", file=sys.stderr)
@@ -235,8 +241,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bundler: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -78,8 +78,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from bundler import refs, transfer
+    from bundler.errors import NotFoundError
+    from bundler.stores import LocalStore
 
     store, settings = _store(args)
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        # Like S3's NoSuchBucket: a typo in the path must not look like an empty store.
+        raise NotFoundError(f"store folder {store.root} does not exist; check --remote / BUNDLER_REMOTE")
     with store:
         listing = transfer.list_remote(store)
         ref_docs = []

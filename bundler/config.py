@@ -9,6 +9,7 @@ an error that names the variable. Code elsewhere takes a :class:`Settings` argum
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -52,8 +53,8 @@ def _parse_float(name: str, raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r} must be greater than zero")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be a finite number of seconds greater than zero")
     return value
 
 
@@ -145,6 +146,20 @@ class Settings:
                 "BUNDLER_BUNDLES=1 needs BUNDLER_LOCAL_CACHE=1: bundles unpack into the local cache; "
                 "turn bundles off or the local cache on"
             )
+        for name, seconds in (
+            ("BUNDLER_CONNECT_TIMEOUT", self.connect_timeout),
+            ("BUNDLER_READ_TIMEOUT", self.read_timeout),
+            ("BUNDLER_PULL_BUDGET", self.pull_budget),
+        ):
+            if not (math.isfinite(seconds) and 0 < seconds <= 86400):
+                raise ConfigError(f"{name}={seconds} must be between 0 and 86400 seconds")
+        if self.multipart_chunksize < (64 << 10) or self.multipart_threshold < 1:
+            raise ConfigError(
+                f"BUNDLER_MULTIPART_CHUNKSIZE={self.multipart_chunksize} must be at least 64KiB "
+                "(S3 itself needs 5MiB parts) and BUNDLER_MULTIPART_THRESHOLD positive"
+            )
+        if not 1 <= self.max_concurrency <= 256:
+            raise ConfigError(f"BUNDLER_MAX_CONCURRENCY={self.max_concurrency} must be between 1 and 256")
         if not 1 <= self.max_attempts <= 20:
             raise ConfigError(f"BUNDLER_MAX_ATTEMPTS={self.max_attempts} must be between 1 and 20")
         if self.retry_mode not in ("standard", "adaptive", "legacy"):

@@ -49,10 +49,11 @@ class Placement:
     """Stages the members of one bundle and moves them into place once all are verified."""
 
     def __init__(self, dest: Destination) -> None:
+        # Absolute, normalised roots: "new/../x" must not need (or create) "new".
         if isinstance(dest, Mapping):
-            self._roots: dict[str | None, Path] = {k: Path(v) for k, v in dest.items()}
+            self._roots: dict[str | None, Path] = {k: Path(os.path.abspath(v)) for k, v in dest.items()}
         else:
-            self._roots = {None: Path(dest)}
+            self._roots = {None: Path(os.path.abspath(dest))}
         self._staging: dict[Path, str] = {}
         self._created: list[str] = []  # folders this placement made, outermost first
         self._moves: list[tuple[str, Path, str]] = []  # staged file, root, final target
@@ -82,8 +83,7 @@ class Placement:
         staging = self._staging.get(root)
         if staging is None:
             try:
-                self._created.extend(_missing_folders(root))
-                root.mkdir(parents=True, exist_ok=True)
+                self._make_root(root)
                 _sweep_stale_staging(root)
                 staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
             except OSError as exc:
@@ -122,9 +122,20 @@ class Placement:
         for folder in reversed(self._created):
             try:
                 os.rmdir(folder)
+            except FileNotFoundError:
+                continue
             except OSError:
-                break  # not empty (files were placed) or gone: leave it and its parents
+                break  # not empty (files were placed): leave it and its parents
         self._created.clear()
+
+    def _make_root(self, root: Path) -> None:
+        """Create ``root`` one folder at a time, remembering exactly the folders this call made."""
+        for folder in _missing_folders(root):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                continue  # another process made it meanwhile: not ours to remove
+            self._created.append(folder)
 
     def _check_targets(self) -> None:
         real_roots = {root: os.path.realpath(root) for root in {r for _, r, _ in self._moves}}

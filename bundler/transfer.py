@@ -140,7 +140,7 @@ def pull(
         return PullResult(digest, _download(store, dest, digest, found, settings, rewrite, progress), found)
     try:
         done = node_state / f"{digest}.manifest.json"
-        man = _already_unpacked(done, digest, dest, settings)
+        man = _already_unpacked(done, digest, dest, settings, rewrite)
         if man is not None:
             log.info("bundle %s already unpacked on this machine; not downloading it again", digest)
             return PullResult(digest, man, found)
@@ -166,16 +166,26 @@ def _record_unpacked(done: Path, man: Manifest) -> None:
         log.debug("could not record %s (%s); the next process downloads again", done, exc)
 
 
-def _already_unpacked(done: Path, digest: str, dest: Destination, settings: Settings) -> Manifest | None:
-    """The manifest of an earlier unpack on this machine, if every one of its files is still there."""
+def _already_unpacked(
+    done: Path, digest: str, dest: Destination, settings: Settings, rewrite: archive.Rewriter | None
+) -> Manifest | None:
+    """The manifest of an earlier unpack on this machine, if every one of its files is still there.
+
+    "There" means the right size too (files the rewriter changes excepted): an empty file left by
+    a power loss must send the next process to the store, not make every process skip it.
+    """
     try:
         data = done.read_bytes()
         if hashlib.sha256(data).hexdigest() != digest:
             return None
         man = manifest_format.decode(data, max_members=settings.max_members)
         placement = Placement(dest)
-        if all(placement.target(record.path)[1].is_file() for record in man.files):
-            return man
+        for record in man.files:
+            target = placement.target(record.path)[1]
+            rewritten = rewrite is not None and rewrite.wants(record.path)
+            if not target.is_file() or (not rewritten and target.stat().st_size != record.size):
+                return None
+        return man
     except (OSError, BundleError):
         pass
     return None

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from bundler import archive
 from bundler.config import Settings
-from bundler.errors import BundleError, UnsafeMemberError
+from bundler.errors import UnsafeMemberError
 from bundler.manifest import MANIFEST_NAME
 
 from bundles import snapshot, write_tree
@@ -177,8 +177,13 @@ def test_pack_refuses_symlinks_in_the_source(tmp_path):
 
 
 def test_pack_of_a_missing_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(BundleError, match="not a directory"):
+    from bundler.errors import BundlerError, NotFoundError
+
+    with pytest.raises(NotFoundError, match="no such directory"):  # exit 3, like any miss
         pack_bytes(tmp_path / "nope")
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(BundlerError, match="not a directory"):
+        pack_bytes(tmp_path / "file")
 
 
 def _unpack_worker(args):

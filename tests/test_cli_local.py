@@ -159,3 +159,20 @@ def _drain(controller: int, proc: subprocess.Popen) -> bytes:
             break
     os.close(controller)
     return seen
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    write_tree(tmp_path / "many", {f"k{i}/f.json": b"{}" for i in range(3000)})  # more than a pipe holds
+    out = tmp_path / "many.tar.zst"
+    assert bundler("pack", str(tmp_path / "many"), "-o", str(out)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "bundler.cli", "inspect", "--files", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # like `| head -1`
+    assert proc.wait(timeout=60) in (0, 1)
+    assert b"error" not in proc.stderr.read()
+
+
+def test_ls_of_a_missing_store_folder_is_a_miss(tmp_path):
+    result = bundler("ls", "--remote", str(tmp_path / "typo"))
+    assert result.returncode == 3 and b"does not exist" in result.stderr

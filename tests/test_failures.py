@@ -90,3 +90,74 @@ def test_any_corruption_is_rejected_or_harmless(tmp_path_factory, data):
         assert snapshot(dest) == {}
     else:
         assert {name: (dest / name).read_bytes() for name in FILES} == FILES
+
+
+def test_atomic_writes_never_touch_the_process_umask(tmp_path):
+    """Reading the umask by setting it races with other threads creating files (world-writable
+    cache folders); writes must leave it alone and still honour it."""
+    import threading
+
+    from bundler.fileio import write_atomically
+
+    previous = os.umask(0o027)
+    try:
+        stop = threading.Event()
+        seen = []
+
+        def watch():
+            while not stop.is_set():
+                seen.append(os.umask(0o027))  # returns the current mask (and keeps it)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        for i in range(300):
+            write_atomically(tmp_path / f"d{i % 7}" / f"f{i}.json", b"{}")
+        stop.set()
+        watcher.join()
+        assert set(seen) == {0o027}
+        assert (tmp_path / "d0" / "f0.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "1e9"])
+def test_unusable_time_budgets_are_refused_by_name(value):
+    from bundler.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="BUNDLER_PULL_BUDGET"):
+        Settings.from_env({"BUNDLER_PULL_BUDGET": value})
+
+
+def test_oversized_ref_is_refused_without_reading_it_whole(tmp_path):
+    from bundler import refs
+    from bundler.errors import LimitExceededError
+    from bundler.stores import layout, open_store
+
+    store = open_store((tmp_path / "store").as_uri())
+    store.write_bytes(layout.ref_key("huge"), b" " * (2 << 20))
+    with pytest.raises(LimitExceededError, match="huge"):
+        refs.read_ref(store, "huge", SETTINGS)
+
+
+def test_failed_unpack_into_a_deep_new_folder_leaves_no_folder(tmp_path):
+    data, _ = honest(FILES)
+    target = tmp_path / "new" / ("x" * 300)  # too long a name: mkdir fails after "new" was made
+    with pytest.raises(LocalCacheError):
+        archive.unpack(io.BytesIO(data), target, settings=SETTINGS)
+    assert list(tmp_path.iterdir()) == []
+    archive.unpack(io.BytesIO(data), tmp_path / "new" / ".." / "elsewhere", settings=SETTINGS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]  # "new" was never needed
+
+
+def test_empty_file_left_by_a_power_loss_sends_the_next_pull_to_the_store(tmp_path):
+    from bundler import transfer
+    from bundler.stores import open_store
+
+    store = open_store((tmp_path / "store").as_uri())
+    pushed = transfer.push(store, FILES, ref="r", settings=SETTINGS)
+    node = tmp_path / "node-state"
+    transfer.pull(store, tmp_path / "cache", ref="r", settings=SETTINGS, node_state=node)
+    (tmp_path / "cache" / "k3" / "kernel.bin").write_bytes(b"")  # written, never flushed
+    again = transfer.pull(store, tmp_path / "cache", ref="r", settings=SETTINGS, node_state=node)
+    assert again.digest == pushed.digest
+    assert (tmp_path / "cache" / "k3" / "kernel.bin").read_bytes() == FILES["k3/kernel.bin"]

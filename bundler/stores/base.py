@@ -14,6 +14,7 @@ import io
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from bundler.errors import LimitExceededError
 from bundler.progress import NULL_PROGRESS, Progress
 
 
@@ -24,6 +25,10 @@ class ObjectInfo:
     key: str
     size: int
     modified: dt.datetime | None = None
+
+
+#: The largest ref or record ``read_bytes`` accepts.
+SMALL_OBJECT_LIMIT = 1 << 20
 
 
 class Store(abc.ABC):
@@ -78,10 +83,20 @@ class Store(abc.ABC):
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
 
-    def read_bytes(self, key: str) -> bytes:
-        """Whole small objects (refs, autotune records); bundles should stream instead."""
+    def read_bytes(self, key: str, *, limit: int = SMALL_OBJECT_LIMIT) -> bytes:
+        """A whole small object (a ref, an autotune record); bundles stream instead.
+
+        Refuses objects over ``limit`` bytes without reading them whole: whoever can write to the
+        bucket must not be able to make a training process allocate gigabytes.
+        """
         with self.open_read(key) as stream:
-            return stream.read()
+            data = stream.read(limit + 1)
+        if len(data) > limit:
+            raise LimitExceededError(
+                f"{key!r} in {self.url} is over {limit} bytes, too large for what it should be; "
+                "it was not written by kernel-bundler: delete it"
+            )
+        return data
 
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         return self.write(key, io.BytesIO(data), size=len(data), if_absent=if_absent)
