@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 RECORD_FORMAT = "kernel-bundler/autotune"
 RECORD_VERSION = 1
 
+#: The largest remote record read: real ones are well under a kilobyte, and whoever can write the
+#: bucket must not make every training process allocate gigabytes.
+RECORD_LIMIT = 1 << 20
+
 # Config attributes that are never part of a record: the kwargs travel separately, and a
 # pre_hook is code that cannot be serialised (a config with one is matched by the rest).
 _NOT_FIELDS = {"self", "kwargs", "pre_hook"}
@@ -92,6 +96,15 @@ def configs_hash(configs: Sequence[Any]) -> str:
     return keys.hash_parts("configs-v1", keys.canonical_json(described))
 
 
+# Config attributes a record never sets: code and file paths are not data a bucket may choose.
+# A rebuilt config takes them from the candidates instead.
+_FROM_CANDIDATES = ("pre_hook", "ir_override")
+
+# What a kwarg value in a record may be: what a coordinate-descent search varies (block sizes and
+# the like) is always one of these.
+_SCALARS = (int, float, bool, str, type(None))
+
+
 def _matches(config: Any, record: Mapping[str, Any]) -> bool:
     if _jsonable(config.kwargs) != record.get("kwargs"):
         return False
@@ -99,10 +112,59 @@ def _matches(config: Any, record: Mapping[str, Any]) -> bool:
     return all(fields[name] == value for name, value in record.get("fields", {}).items() if name in fields)
 
 
-def _rebuild(config_type: type, record: Mapping[str, Any]) -> Any:
-    """A new config of ``config_type`` from a record, keeping only options this Triton knows."""
+def _unusable(record: Mapping[str, Any], configs: Sequence[Any]) -> str | None:
+    """Why the config in ``record`` cannot stand for one of ``configs``, or None when it can.
+
+    A record holds only what the candidates could hold: their option names (less the code-like
+    ones, which must be absent or equal to the candidates'), each value of a type some candidate
+    has for it (or None), and their kwarg names with scalar values (or a value a candidate has,
+    such as a tuple stored as a list). Anything else was not written by a tuner of these
+    candidates, and Triton would otherwise act on it (call a ``pre_hook`` string, read an
+    ``ir_override`` path) inside the user's launch.
+    """
+    described = [config_fields(cfg) for cfg in configs]
+    for name, value in record.get("fields", {}).items():
+        if name in _FROM_CANDIDATES or name in _NOT_FIELDS:
+            if name != "ir_override" or any(value != fields.get(name) for fields in described):
+                return f"option {name!r} is not the candidates' own"
+            continue
+        if not all(name in fields for fields in described):
+            return f"option {name!r} is not one the candidate configs have"
+        types = {type(fields[name]) for fields in described}
+        if value is not None and type(value) not in types:
+            return f"option {name}={value!r} is not of the candidates' type"
+    kwargs = record["kwargs"]
+    if not any(set(kwargs) == set(cfg.kwargs) for cfg in configs):
+        return f"its kwargs {sorted(kwargs)} are not the candidates' {sorted(configs[0].kwargs)}"
+    bad = sorted(name for name, value in kwargs.items() if not isinstance(value, _SCALARS)
+                 and all(value != _jsonable(cfg.kwargs.get(name)) for cfg in configs))
+    if bad:
+        return f"kwargs {bad} are not plain numbers or strings"
+    return None
+
+
+def _common(configs: Sequence[Any], name: str) -> tuple[bool, Any]:
+    """(True, value) when every candidate has the same ``name`` attribute (None when absent)."""
+    values = [getattr(cfg, name, None) for cfg in configs]
+    return all(value is values[0] or value == values[0] for value in values), values[0]
+
+
+def _rebuild(configs: Sequence[Any], record: Mapping[str, Any]) -> Any | None:
+    """A new config of the candidates' type from a validated record, or None when it cannot be.
+
+    Options come from the record (only those the candidates have, see :func:`_unusable`), the
+    code-like ones (``pre_hook``, ``ir_override``) from the candidates, which must agree on them.
+    """
+    config_type = type(configs[0])
     accepted = inspect.signature(config_type.__init__).parameters
-    options = {k: v for k, v in record.get("fields", {}).items() if k in accepted}
+    options = {k: v for k, v in record.get("fields", {}).items() if k in accepted and k not in _FROM_CANDIDATES}
+    for name in _FROM_CANDIDATES:
+        same, value = _common(configs, name)
+        if not same:
+            log.debug("autotune: the candidates differ in %s; not rebuilding a tuned config", name)
+            return None
+        if name in accepted and value is not None:
+            options[name] = value
     config = config_type(dict(record["kwargs"]), **options)
     config.found_by_coordesc = True
     return config
@@ -236,8 +298,13 @@ class AutotuneCache:
             return None
         if not configs:
             return None
+        reason = _unusable(record, configs)
+        if reason is not None:
+            log.debug("autotune cache %s: the stored config does not fit the candidates (%s); tuning again",
+                      self.key[:12], reason)
+            return None
         if record.get("found_by_coordesc"):
-            return _rebuild(type(configs[0]), record)
+            return _rebuild(configs, record)
         matching = [cfg for cfg in configs if _matches(cfg, record)]
         if len(matching) != 1:
             log.info("autotune cache %s: stored config matches %d candidates, not 1; tuning again",
@@ -297,12 +364,19 @@ class AutotuneCache:
             return None
         key = layout.autotune_key(self.key)
         try:
-            return shared.shared_store(self.settings).read_bytes(key)
+            with shared.shared_store(self.settings).open_read(key) as stream:
+                data = _read_at_most(stream, RECORD_LIMIT + 1)
         except NotFoundError:
             return None
         except Exception as exc:  # the cache is an accelerator: no store failure reaches the job
             shared.remote_failed(self.settings, "read", key, exc)
             return None
+        if len(data) > RECORD_LIMIT:
+            log.warning("autotune cache: record %s in %s is over %d bytes, far more than a record takes; "
+                        "ignoring it (it was not written by kernel-bundler)", key, self.settings.remote,
+                        RECORD_LIMIT)
+            return None
+        return data
 
     # writing -------------------------------------------------------------------------------------
 
@@ -373,6 +447,19 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
 
 # Remotes whose unsigned records were already warned about (one warning per process each).
 _unsigned_warned: set[str] = set()
+
+
+def _read_at_most(stream: Any, size: int) -> bytes:
+    """Up to ``size`` bytes of ``stream`` (a raw stream may return fewer per read than asked)."""
+    chunks: list[bytes] = []
+    left = size
+    while left > 0:
+        chunk = stream.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _parse(data: bytes, where: object) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ import platform
 import re
 import sys
 import tokenize
+from collections.abc import Callable
 
 from bundler.manifest import FORMAT_VERSION
 
@@ -115,32 +116,59 @@ def interpreter_backend() -> str:
     return f"cpu-interpreter-{platform.machine() or 'unknown'}"
 
 
-@functools.lru_cache(maxsize=1)
-def backend_hash() -> str:
+class _SettledOnce:
+    """Caches a function's answer once it is *settled*; an answer it could only guess is asked again.
+
+    ``backend_hash`` falls back to the interpreter value when asking the driver fails, and a
+    failure can be passing (the driver asked from a thread that may not wait, a driver still
+    starting): caching that guess would key a GPU job as the CPU interpreter for the whole process.
+    """
+
+    def __init__(self, compute: Callable[[], tuple[str, bool]]) -> None:
+        self._compute = compute
+        self._value: str | None = None
+        functools.update_wrapper(self, compute)
+
+    def __call__(self) -> str:
+        value = self._value
+        if value is None:
+            value, settled = self._compute()
+            if settled:
+                self._value = value
+        return value
+
+    def cache_clear(self) -> None:
+        self._value = None
+
+
+@_SettledOnce
+def backend_hash() -> tuple[str, bool]:
     """Identify the compile target: GPU target plus compiler versions, or the CPU interpreter.
 
     With a GPU this is Triton's own ``make_backend(target).hash()`` (for CUDA: the ptxas version and
     the compute capability; for ROCm: the LLVM/ROCm versions and the gfx arch), the same value
-    Inductor puts into its autotune keys. Without Triton, without an active GPU driver, or under
-    ``TRITON_INTERPRET=1``, it is :func:`interpreter_backend`. Cached: asking the driver costs tens of
-    milliseconds and the answer cannot change within a process.
+    Inductor puts into its autotune keys. Without Triton, or under ``TRITON_INTERPRET=1``, it is
+    :func:`interpreter_backend`, and so it is when asking the driver fails (no GPU: "0 active
+    drivers", a missing libcuda). Called as ``backend_hash()``, it returns the string and caches it
+    for the process (asking the driver costs tens of milliseconds and the answer cannot change),
+    except a fallback that came from a failure, which is asked again next time.
     """
     try:
         import triton  # noqa: F401
     except ImportError:
-        return interpreter_backend()
+        return interpreter_backend(), True
     try:
         from triton import knobs
 
         if knobs.runtime.interpret:
-            return interpreter_backend()
+            return interpreter_backend(), True
         from triton.compiler.compiler import make_backend
 
         target = _target_without_driver() or _driver_target()
-        return f"{target.backend}-{target.arch}-{target.warp_size}-{make_backend(target).hash()}"
+        return f"{target.backend}-{target.arch}-{target.warp_size}-{make_backend(target).hash()}", True
     except Exception as exc:  # no GPU: "0 active drivers", missing libcuda, ...
         log.debug("no active Triton GPU driver (%s); keying as the CPU interpreter", exc)
-        return interpreter_backend()
+        return interpreter_backend(), False
 
 
 def _target_without_driver():  # noqa: ANN202 - a triton GPUTarget

@@ -152,6 +152,29 @@ def detach(recorder: Recorder) -> None:
 
 
 _waiters: list[Callable[[], None]] = []
+_local = threading.local()
+
+
+@contextmanager
+def fetching() -> Iterator[None]:
+    """Mark the running thread as a fetch thread while the block runs: its cache reads do not wait.
+
+    A session's fetch thread reads the local caches itself (deriving the key starts Triton's driver,
+    which looks up its ``cuda_utils`` helper through the cache manager). Waiting there for pending
+    fetches would make it wait for itself (or for another session's fetch, which may be waiting
+    for it), so :func:`wait_for_pending` returns at once on such a thread.
+    """
+    previous = getattr(_local, "fetching", False)
+    _local.fetching = True
+    try:
+        yield
+    finally:
+        _local.fetching = previous
+
+
+def in_fetch() -> bool:
+    """Whether the running thread is a fetch thread (see :func:`fetching`)."""
+    return bool(getattr(_local, "fetching", False))
 
 
 def add_waiter(wait: Callable[[], None]) -> None:
@@ -170,8 +193,11 @@ def wait_for_pending() -> None:
     """Block until in-flight fetches into the local caches settle (each bounded by its budget).
 
     Called by every reader of the local caches (autotune records, Triton's cache manager) before
-    it looks, so a ``begin_compile`` that returned at once still gets its bundle used.
+    it looks, so a ``begin_compile`` that returned at once still gets its bundle used. On a fetch
+    thread it returns at once (see :func:`fetching`).
     """
+    if in_fetch():
+        return
     with _active_lock:
         waits = list(_waiters)
     for wait in waits:

@@ -23,6 +23,9 @@ Life of a session::
    if there were no cache, with one logged warning for anything worse than "not there yet", and
    every cache entry recorded meanwhile (autotune records saved or hit, Triton kernel files made
    or found) is collected. ``end`` packs them into one bundle and pushes it with the ref.
+   A store error (not a corrupt bundle) trips the remote's shared read or write breaker
+   (``bundler.stores.shared``): its warning is the only one, and later sessions and per-kernel
+   lookups skip the dead store instead of each paying a timeout.
 
 Switches (``Settings``): ``bundles`` turns sessions on (they need ``local_cache``, which the
 settings enforce, and a ``remote``); ``local_cache`` and ``remote_autotune`` govern the per-kernel
@@ -44,7 +47,7 @@ from typing import Any
 
 from bundler import keys, recording
 from bundler.config import Settings
-from bundler.errors import ConfigError, NotFoundError
+from bundler.errors import ConfigError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -123,22 +126,53 @@ class CompileSession:
         return self._store
 
     def _derive_key_and_fetch(self) -> None:
-        """The fetch thread: the key costs a Triton import, so it is derived here, not in begin."""
-        try:
-            self.key = keys.compile_key(code=self._code, code_hash=self._code_hash, tag=self.settings.tag)
-        except Exception as exc:  # the cache is an accelerator: nothing here may fail the job
-            log.warning("compile session: could not derive its key (%s: %s); compiling without a bundle",
-                        type(exc).__name__, exc)
-            return
-        finally:
-            self._keyed.set()
-        self._fetch()
+        """The fetch thread: the key costs a Triton import, so it is derived here, not in begin.
+
+        It runs marked as a fetch thread (``recording.fetching``): deriving the key can start Triton's
+        driver, which reads the Triton cache through our cache manager, and that read must not wait
+        for pending fetches, this one included.
+        """
+        with recording.fetching():
+            try:
+                self.key = keys.compile_key(code=self._code, code_hash=self._code_hash, tag=self.settings.tag)
+            except Exception as exc:  # the cache is an accelerator: nothing here may fail the job
+                log.warning("compile session: could not derive its key (%s: %s); compiling without a bundle",
+                            type(exc).__name__, exc)
+                return
+            finally:
+                self._keyed.set()
+            self._fetch()
+
+    def _remote_usable(self, action: str) -> bool:
+        """Whether the shared breaker for ``action`` lets requests through to ``settings.remote``.
+
+        Sessions share the per-kernel cache's view of the remote's health (``stores.shared``): a
+        store that failed one of them is skipped by all. A session given its own store and no
+        ``settings.remote`` has no breaker.
+        """
+        from bundler.stores import shared
+
+        return not self.settings.remote or shared.remote_usable(self.settings, action)
+
+    def _remote_failed(self, action: str, key: str, exc: BaseException) -> None:
+        """Trip the shared breaker for ``action`` (its warning is the only one this failure gets)."""
+        from bundler.stores import layout, shared
+
+        if self.settings.remote:
+            shared.remote_failed(self.settings, action, layout.ref_key(key), exc)
+        else:
+            log.warning("compile %s: could not %s its bundle in %s (%s: %s); compiling without the remote",
+                        self._label, action, getattr(self._store, "url", "the store"), type(exc).__name__, exc)
 
     def _fetch(self) -> None:
         """Pull into the local caches; any failure means "miss"."""
         from bundler import transfer
         from bundler.relocate import GroupFileRewriter
 
+        if not self._remote_usable("read"):
+            log.info("compile %s: reads from %s failed earlier in this process; compiling without a bundle",
+                     self._label, self.settings.remote)
+            return
         try:
             result = transfer.pull(
                 self._store_handle(),
@@ -151,24 +185,44 @@ class CompileSession:
         except NotFoundError:
             log.info("compile %s: no bundle yet; compiling, and the result will be pushed", self.key[:12])
             return
+        except StoreError as exc:  # the store failed, not the bundle: later reads skip it too
+            self._remote_failed("read", self.ref_name, exc)
+            log.info("compile %s: could not fetch its bundle; compiling without it", self.key[:12])
+            return
         except Exception as exc:  # the cache is an accelerator: nothing here may fail the job
             log.warning("compile %s: could not fetch its bundle (%s: %s); compiling without it",
                         self.key[:12], type(exc).__name__, exc)
             return
         self.pulled = result
-        self.time_saved_ns = self._register_pulled(result.manifest)
+        try:
+            self.time_saved_ns = self._register_pulled(result.manifest)
+        except Exception as exc:  # the bundle is unpacked: a bookkeeping failure must not turn it into a miss
+            log.warning("compile %s: bundle %s unpacked, but recording its files failed (%s: %s); they may be "
+                        "missing from saved artifacts", self.key[:12], result.digest[:12], type(exc).__name__, exc)
         self._hit = True
         log.info("compile %s: bundle %s unpacked (%d files), saving about %.1f s of autotuning",
                  self.key[:12], result.digest[:12], len(result.manifest.files), self.time_saved_ns / 1e9)
 
     def _register_pulled(self, manifest: Any) -> int:
-        """Record the pulled files for the process (artifacts) and sum their autotuning time."""
+        """Record the pulled files for the process (artifacts) and sum their autotuning time.
+
+        A file gone already (a concurrent cache clean) is left out with one warning: the bundle
+        was still a hit, and the job compiles that one kernel again if it needs it.
+        """
         saved = 0
+        vanished: list[str] = []
         for record in manifest.files:
             path = recording.local_path(record.path, self.settings)
-            recording.record_file(path, self.settings)
+            try:
+                recording.record_file(path, self.settings)
+            except OSError:
+                vanished.append(record.path)
+                continue
             if record.path.startswith(f"{recording.AUTOTUNE_ROOT}/"):
                 saved += _time_taken_ns(path)
+        if vanished:
+            log.warning("compile %s: %d unpacked file(s) vanished before they could be recorded (first: %s); "
+                        "a cache clean running meanwhile?", self._label, len(vanished), vanished[0])
         return saved
 
     # during ------------------------------------------------------------------------------------
@@ -180,6 +234,8 @@ class CompileSession:
         in the cache safely (unpacking is atomic), it is just too late to count.
         """
         fetcher = self._fetcher
+        if fetcher is threading.current_thread() or recording.in_fetch():
+            return self._hit  # the fetch itself (or another session's) asking: waiting would wait for itself
         if fetcher is not None and fetcher.is_alive():
             fetcher.join(max(0.0, self._deadline - time.monotonic()))
             if fetcher.is_alive():
@@ -198,9 +254,14 @@ class CompileSession:
     # end ---------------------------------------------------------------------------------------
 
     def end(self) -> Any:
-        """Stop collecting; on a miss, pack and push what was collected. Returns the PushResult or None."""
+        """Stop collecting; on a miss, pack and push what was collected. Returns the PushResult or None.
+
+        Ending a session that is not open (ended already, or never begun) does nothing: the cache
+        never raises into the job.
+        """
         if self._state != "open":
-            raise RuntimeError(f"compile session is {self._state}, not open")
+            log.debug("compile session %s is %s, not open; nothing to end", self._label, self._state)
+            return None
         self._state = "ended"
         if not self.enabled:
             return None
@@ -216,6 +277,10 @@ class CompileSession:
         if not entries:
             log.info("compile %s: nothing was compiled or tuned; no bundle to push", self.key[:12])
             return None
+        if not self._remote_usable("write"):
+            log.info("compile %s: writes to %s failed earlier in this process; not pushing its bundle",
+                     self.key[:12], self.settings.remote)
+            return None
         self.pushed = self._push(entries)
         return self.pushed
 
@@ -226,6 +291,10 @@ class CompileSession:
         try:
             result = transfer.push(self._store_handle(), entries, ref=self.ref_name, ref_extra=extra,
                                    settings=self.settings)
+        except StoreError as exc:  # the store failed: later writes (bundles and records) skip it
+            self._remote_failed("write", self.ref_name, exc)
+            log.info("compile %s: could not push its bundle; the next run compiles again", self.key[:12])
+            return None
         except Exception as exc:
             log.warning("compile %s: could not push its bundle (%s: %s); the next run compiles again",
                         self.key[:12], type(exc).__name__, exc)
@@ -238,6 +307,8 @@ class CompileSession:
         return self.begin() if self._state == "new" else self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
+        if self._state != "open":  # ended inside the block (``end_compile()``): nothing left to do
+            return
         if exc_type is not None:
             # A failed compile produced nothing worth sharing; stop without pushing.
             self._state = "ended"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import multiprocessing
@@ -72,6 +73,90 @@ def test_coordinate_descent_result_is_rebuilt_and_marked(settings: Settings) -> 
     assert best.found_by_coordesc is True
 
 
+def _hook(nargs: dict) -> None:
+    pass
+
+
+def _stored_then_changed(settings: Settings, configs: list, change: dict, coordesc: bool = True) -> AutotuneCache:
+    """A cache whose local record was saved for ``configs`` and then edited by ``change``."""
+    cache = make(settings, configs=configs)
+    cache.save(triton.Config({"BLOCK": 48}, num_warps=2) if coordesc else configs[1], 1, found_by_coordesc=coordesc)
+    record = json.loads(cache.local_path.read_text())
+    for name, value in change.items():
+        record[name] = {**record[name], **value} if isinstance(value, dict) else value
+    cache.local_path.write_text(json.dumps(record))
+    return make(settings, configs=configs)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"fields": {"pre_hook": "evil"}}, {"fields": {"num_warps": "lots"}}, {"fields": {"num_warps": True}},
+     {"fields": {"ir_override": "/etc/passwd"}}, {"fields": {"num_buffers_warp_spec": 3}},
+     {"fields": {"maxnreg": 64}}, {"kwargs": {"BLOCK": 48, "EXTRA": 1}}, {"kwargs": {"OTHER": 48}},
+     {"kwargs": {"BLOCK": {"evil": 1}}}, {"kwargs": {"BLOCK": [1, 2]}}],
+    ids=["pre_hook", "num_warps-str", "num_warps-bool", "ir_override", "unknown-option", "option-none-in-all",
+         "extra-kwarg", "other-kwarg", "kwarg-dict", "kwarg-list"],
+)
+@pytest.mark.parametrize("coordesc", [True, False], ids=["coordesc", "candidate"])
+def test_a_record_with_options_the_candidates_cannot_have_is_a_miss(
+        settings: Settings, caplog: pytest.LogCaptureFixture, change: dict, coordesc: bool) -> None:
+    cache = _stored_then_changed(settings, CONFIGS, change, coordesc)
+    with caplog.at_level(logging.DEBUG, logger="bundler.autotune"):
+        assert cache.read_best(CONFIGS) is None
+    assert "does not fit the candidates" in caplog.text
+
+
+def test_a_rebuilt_config_keeps_the_candidates_pre_hook(settings: Settings) -> None:
+    hooked = [triton.Config({"BLOCK": b}, num_warps=4, pre_hook=_hook) for b in (16, 32)]
+    best = _stored_then_changed(settings, hooked, {}).read_best(hooked)
+    assert best.kwargs == {"BLOCK": 48} and best.num_warps == 2 and best.pre_hook is _hook
+    assert best.ir_override is None and best.found_by_coordesc is True
+
+
+def test_candidates_that_differ_in_pre_hook_rebuild_nothing(settings: Settings) -> None:
+    mixed = [triton.Config({"BLOCK": 16}, pre_hook=_hook), triton.Config({"BLOCK": 32})]
+    assert _stored_then_changed(settings, mixed, {}).read_best(mixed) is None
+
+
+def test_an_oversized_remote_record_is_a_miss_read_no_further(tmp_path: Path, monkeypatch, caplog,  # noqa: ANN001
+                                                              fresh_breakers) -> None:
+    settings = Settings(cache_dir=tmp_path / "c", remote=(tmp_path / "s").as_uri(), local_cache=False,
+                        bundles=False)
+    key = layout.autotune_key(make(settings).key)
+    read: list[int] = []
+
+    class _Huge(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:  # noqa: ANN001
+            read.append(len(buffer))
+            buffer[:] = b" " * len(buffer)  # an endless record (JSON whitespace)
+            return len(buffer)
+
+    class _HugeStore:
+        def open_read(self, name: str) -> io.RawIOBase:
+            assert name == key
+            return _Huge()
+
+    monkeypatch.setattr(shared, "shared_store", lambda s: _HugeStore())
+    with caplog.at_level(logging.WARNING):
+        assert make(settings).read_best(CONFIGS) is None
+    assert sum(read) <= autotune.RECORD_LIMIT + 1
+    assert "over" in caplog.text and shared.remote_usable(settings, "read")  # a miss, not a dead store
+
+
+def test_a_remote_record_at_the_limit_is_read(tmp_path: Path, fresh_breakers) -> None:  # noqa: ANN001
+    settings = Settings(cache_dir=tmp_path / "c", remote=(tmp_path / "s").as_uri(), local_cache=False,
+                        bundles=False)
+    make(settings).save(CONFIGS[1], 1)
+    store = open_store(settings.remote)
+    key = layout.autotune_key(make(settings).key)
+    data = store.read_bytes(key)
+    store.write_bytes(key, data + b" " * (autotune.RECORD_LIMIT - len(data)))
+    assert make(settings).read_best(CONFIGS) is CONFIGS[1]
+
+
 def test_kwarg_named_like_a_launch_option_is_not_confused(settings: Settings) -> None:
     configs = [triton.Config({"num_warps": 1}, num_warps=4), triton.Config({"num_warps": 4}, num_warps=1)]
     make(settings, configs=configs).save(configs[1], 1)
@@ -137,7 +222,7 @@ class _DeadStore:
         type(self).calls += 1
         raise StoreUnreachableError("connection refused")
 
-    read_bytes = write_bytes = _fail
+    open_read = write_bytes = _fail
 
 
 @pytest.fixture
@@ -167,9 +252,9 @@ class _ReadOnlyStore:
     def __init__(self, records: dict[str, bytes]) -> None:
         self.records, self.reads = records, 0
 
-    def read_bytes(self, key: str) -> bytes:
+    def open_read(self, key: str) -> io.BytesIO:
         self.reads += 1
-        return self.records[key]
+        return io.BytesIO(self.records[key])
 
     def write_bytes(self, key: str, data: bytes) -> None:
         raise AccessDeniedError(f"AccessDenied on PutObject {key}")

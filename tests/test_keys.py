@@ -68,6 +68,35 @@ def test_backend_hash_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> 
     assert keys.interpreter_backend().startswith("cpu-interpreter-")
 
 
+def test_backend_hash_does_not_keep_a_fallback_that_came_from_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from triton import knobs
+    from triton.compiler import compiler
+
+    answers: list[object] = [RuntimeError("cannot join current thread"), SimpleNamespace(backend="cuda", arch=90,
+                                                                                          warp_size=32)]
+
+    def driver_target() -> object:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(knobs.runtime, "interpret", False)
+    monkeypatch.setattr(keys, "_target_without_driver", lambda: None)
+    monkeypatch.setattr(keys, "_driver_target", driver_target)
+    monkeypatch.setattr(compiler, "make_backend", lambda target: SimpleNamespace(hash=lambda: "ptxas-12.8"))
+    keys.backend_hash.cache_clear()
+    try:
+        assert keys.backend_hash() == keys.interpreter_backend()  # a guess: asked again next time
+        assert keys.backend_hash() == "cuda-90-32-ptxas-12.8"
+        assert keys.backend_hash() == "cuda-90-32-ptxas-12.8"  # a real answer is kept
+        assert not answers
+    finally:
+        keys.backend_hash.cache_clear()
+
+
 def test_importing_the_package_loads_no_heavy_modules() -> None:
     code = (
         "import sys, bundler, bundler.session, bundler.autotune, bundler.artifacts, bundler.keys\n"

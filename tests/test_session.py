@@ -17,16 +17,24 @@ from typing import Any
 import pytest
 
 import bundler
-from bundler import keys
+from bundler import keys, recording
 from bundler import session as session_mod
 from bundler.config import Settings
 from bundler.errors import StoreUnreachableError
-from bundler.stores import layout, open_store
+from bundler.stores import layout, open_store, shared
 from bundler.stores.base import Store
 
 from _helpers_triton import GROUP_KEY, autotune_record, fake_kernel, node_settings
 
 CODE = "def model(x):  # built 2026-01-01 on ci-7\n    return x\n"
+
+
+@pytest.fixture(autouse=True)
+def fresh_breakers() -> Any:
+    """Sessions trip the process-wide breakers of their remote: no test may see another's."""
+    shared.reset()
+    yield
+    shared.reset()
 
 
 @pytest.fixture(params=["local", "s3_server"])
@@ -107,11 +115,34 @@ def test_unreachable_store_is_a_warning_and_a_miss(tmp_path: Path, caplog: pytes
         assert s.sync() is False
         s.put(fake_kernel(settings)["add.cubin"])
     assert store.calls == 2 and s.pushed is None  # one fetch, one push attempt, both quiet
-    assert "could not fetch" in caplog.text and "could not push" in caplog.text
+    assert "could not read" in caplog.text and "could not write" in caplog.text
+
+
+def test_a_dead_store_trips_the_shared_breakers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A failed fetch turns remote reads off, a failed push remote writes: one warning each, no more calls."""
+    from bundler.autotune import AutotuneCache
+
+    settings = node_settings(tmp_path, "a", "s3://bucket/p")
+    store = _Store(error=StoreUnreachableError("connection refused"))
+    monkeypatch.setattr(shared, "shared_store", lambda _settings: store)
+    with caplog.at_level(logging.WARNING):
+        with session_mod.CompileSession(code=CODE, settings=settings, store=store) as s:
+            assert s.sync() is False
+            s.put(fake_kernel(settings)["add.cubin"])
+        assert store.calls == 2
+        assert not shared.remote_usable(settings, "read") and not shared.remote_usable(settings, "write")
+        AutotuneCache("k" * 64, "h", settings.replace(local_cache=False, bundles=False)).read_best([])  # skips the dead store
+        with session_mod.CompileSession(code=CODE, settings=settings, store=store) as again:
+            assert again.sync() is False
+            again.put(fake_kernel(settings)["add.cubin"])
+    assert store.calls == 2 and again.pushed is None
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2, caplog.text
 
 
 def test_slow_store_costs_at_most_the_pull_budget(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    settings = node_settings(tmp_path, "a", "s3://bucket/p").replace(pull_budget=0.2)
+    # Its own remote: the abandoned fetch trips that remote's read breaker after this test ends.
+    settings = node_settings(tmp_path, "a", f"s3://bucket/{tmp_path.name}").replace(pull_budget=0.2)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING):
         s = session_mod.CompileSession(code=CODE, settings=settings, store=_Store(delay=2.0)).begin()
@@ -138,6 +169,83 @@ def test_failed_compile_pushes_nothing(tmp_path: Path, local_store_url: str) -> 
         bundler.put(fake_kernel(settings)["add.cubin"])
         raise RuntimeError("compile failed")
     assert s.pushed is None and not list(open_store(local_store_url).list())
+
+
+def test_ending_a_session_twice_is_harmless(tmp_path: Path, local_store_url: str,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    settings = node_settings(tmp_path, "a", local_store_url)
+    with caplog.at_level(logging.DEBUG, logger="bundler.session"):
+        with bundler.compile_session(code=CODE, settings=settings) as s:
+            s.put(fake_kernel(settings)["add.cubin"])
+            pushed = bundler.end_compile()  # ended inside the block: __exit__ must not raise
+        assert pushed is not None and s.pushed is pushed
+        assert s.end() is None
+        assert session_mod.CompileSession(code=CODE, settings=settings).end() is None  # never begun
+    assert "not open" in caplog.text
+    assert session_mod.current() is None
+
+
+def test_a_pulled_file_removed_before_it_is_recorded_still_counts_as_a_hit(
+        tmp_path: Path, local_store_url: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    produce(tmp_path, local_store_url)
+    warm = node_settings(tmp_path, "b", local_store_url)
+    real = recording.source_for
+
+    def cleaned_meanwhile(name: str, path: Any) -> recording.Source:
+        if name.endswith("__grp__add.json"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))  # a concurrent cache clean
+        return real(name, path)
+
+    crashed: list[Any] = []
+    monkeypatch.setattr(recording, "source_for", cleaned_meanwhile)
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    with caplog.at_level(logging.WARNING), bundler.compile_session(code=CODE, settings=warm) as s:
+        assert s.sync() is True
+    assert not crashed and s.pushed is None  # a hit: nothing pushed again
+    assert s.time_saved_ns == 2_000_000_000
+    assert "vanished" in caplog.text
+
+
+def test_key_derivation_that_reads_the_cache_does_not_wait_for_its_own_fetch(
+        tmp_path: Path, local_store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's driver, started by backend_hash on the fetch thread, reads its helper via the cache manager.
+
+    That read calls recording.wait_for_pending(), which must not make the fetch thread join itself
+    (RuntimeError, caught by backend_hash, so a GPU job got the interpreter's key for the process).
+    """
+    from types import SimpleNamespace
+
+    from triton import knobs
+    from triton.compiler import compiler
+
+    begun = threading.Event()
+    asked_from: list[str] = []
+
+    def driver_target() -> Any:
+        begun.wait(5)  # the session is registered as a pending fetch by now, as with a real driver start
+        recording.wait_for_pending()  # what get_cache_manager(...).get_file(...) does in our manager
+        asked_from.append(threading.current_thread().name)
+        return SimpleNamespace(backend="cuda", arch=90, warp_size=32)
+
+    monkeypatch.setattr(knobs.runtime, "interpret", False)
+    monkeypatch.setattr(keys, "_target_without_driver", lambda: None)
+    monkeypatch.setattr(keys, "_driver_target", driver_target)
+    monkeypatch.setattr(compiler, "make_backend", lambda target: SimpleNamespace(hash=lambda: "ptxas-12.8"))
+    keys.backend_hash.cache_clear()
+    try:
+        settings = node_settings(tmp_path, "a", local_store_url)
+        started = time.monotonic()
+        s = session_mod.CompileSession(code=CODE, settings=settings).begin()
+        begun.set()
+        assert s.sync() is False  # nothing pushed yet: a miss, not a hang
+        assert time.monotonic() - started < 5
+        gpu = keys.version_salt(settings.tag, backend="cuda-90-32-ptxas-12.8")
+        assert s.key == keys.compile_key(code=CODE, salt=gpu)
+        assert asked_from == ["bundler-fetch"]
+        s.end()
+    finally:
+        keys.backend_hash.cache_clear()
 
 
 def test_module_level_begin_put_end(tmp_path: Path, local_store_url: str) -> None:

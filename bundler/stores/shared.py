@@ -1,11 +1,13 @@
 """The process-wide handle on ``settings.remote`` and the circuit breakers in front of it.
 
 Every per-kernel lookup (``bundler.autotune``, ``integrations.triton_remote``) and every compile
-session talks to the same remote, so they share one opened store (an S3 client costs tens of ms to
-build) and one view of its health:
+session (``bundler.session``) talks to the same remote, so they share one opened store (an S3 client
+costs tens of ms to build; a session given its own store uses that one) and one view of its health:
 
-* a breaker *trips* on the first store error of its kind: one warning, then that kind of request
-  is skipped, so a dead endpoint costs one timeout per process instead of one per kernel;
+* a breaker *trips* on the first store error of its kind (a session's failed bundle fetch or push
+  included; a corrupt or hostile bundle is not the store's fault and trips nothing): one warning,
+  then that kind of request is skipped, per-kernel records and session fetches or pushes alike, so
+  a dead endpoint costs one timeout per process instead of one per kernel;
 * reads and writes trip separately, because training nodes often hold read-only credentials: an
   ``AccessDenied`` on a save must not stop the reads that are the whole point on such a node;
 * a tripped read breaker closes again after :data:`READ_RETRY_S`, since an endpoint that was down
@@ -78,8 +80,8 @@ class Breaker:
         if first:
             later = (f"retried after {self.retry_after:.0f} s" if self.retry_after is not None
                      else "off for the rest of this process")
-            log.warning("could not %s %s in %s (%s: %s); per-kernel remote %ss are %s, and kernels are "
-                        "tuned and compiled as if the remote were empty",
+            log.warning("could not %s %s in %s (%s: %s); remote %ss (bundles and per-kernel records) are %s, "
+                        "and kernels are tuned and compiled as if the remote were empty",
                         self.action, key, remote, type(exc).__name__, exc, self.action, later)
 
     def forget(self) -> None:
