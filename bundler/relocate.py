@@ -1,8 +1,7 @@
 """Relocation of Triton's group files (``__grp__<kernel>.json``), with no Triton import.
 
 It lives below the recording, session and artifacts layers, which all handle group files, so
-that none of them imports from ``bundler.integrations`` (``integrations.triton_groups`` re-exports
-these names for older imports).
+that none of them imports from ``bundler.integrations``; the CLI uses it too.
 
 Triton's ``FileCacheManager.put_group`` writes ``{"child_paths": {name: ABSOLUTE_PATH}}`` and its
 ``get_group`` treats a child path that does not exist as a miss (Triton 3.9 returns None; 3.6 drops

@@ -392,7 +392,6 @@ with bundler.compile_session(code_hash="0" * 64, settings=settings):
     pass
 upward = sorted(m for m in sys.modules if m.startswith(("bundler.integrations", "bundler.autotune")))
 assert not upward, upward
-from bundler.integrations.triton_groups import GroupFileRewriter  # the CLI's import path still works
 """
 
 

@@ -16,8 +16,9 @@ from triton.compiler import ASTSource
 from triton.runtime.cache import FileCacheManager, RemoteCacheManager
 
 import bundler
+from bundler import relocate
 from bundler.integrations import triton as bt
-from bundler.integrations import triton_cache, triton_groups, triton_remote
+from bundler.integrations import triton_cache, triton_remote
 from bundler.integrations.triton_remote import StoreRemoteCacheBackend
 from bundler.stores import open_store
 
@@ -117,22 +118,22 @@ def test_bundled_kernels_are_found_by_triton_at_another_path(tmp_path: Path, loc
 
 def test_group_file_relocation_round_trip(tmp_path: Path) -> None:
     original = {"child_paths": {"k.cubin": "/old/root/KEY/k.cubin", "k.json": "/old/root/KEY/k.json"}}
-    portable = triton_groups.to_portable(json.dumps(original).encode())
+    portable = relocate.to_portable(json.dumps(original).encode())
     assert json.loads(portable)["child_paths"] == {"k.cubin": "k.cubin", "k.json": "k.json"}
-    local = triton_groups.GroupFileRewriter()("triton/KEY/__grp__k.json", portable, tmp_path / "KEY" / "__grp__k.json")
+    local = relocate.GroupFileRewriter()("triton/KEY/__grp__k.json", portable, tmp_path / "KEY" / "__grp__k.json")
     assert json.loads(local)["child_paths"]["k.cubin"] == str(tmp_path / "KEY" / "k.cubin")
-    assert triton_groups.GroupFileRewriter().wants("triton/KEY/__grp__k.json")
-    assert not triton_groups.GroupFileRewriter().wants("triton/KEY/k.json")
+    assert relocate.GroupFileRewriter().wants("triton/KEY/__grp__k.json")
+    assert not relocate.GroupFileRewriter().wants("triton/KEY/k.json")
 
 
 @pytest.mark.parametrize("child", ["..", "", 7])
 def test_hostile_group_file_becomes_a_miss(child: object) -> None:
-    rewritten = triton_groups.to_local(json.dumps({"child_paths": {"k.cubin": child}}).encode(), "/cache/KEY")
+    rewritten = relocate.to_local(json.dumps({"child_paths": {"k.cubin": child}}).encode(), "/cache/KEY")
     assert json.loads(rewritten)["child_paths"] is None
 
 
 def test_group_file_cannot_point_outside_its_directory() -> None:
-    rewritten = triton_groups.to_local(json.dumps({"child_paths": {"x": "/etc/passwd"}}).encode(), "/cache/KEY")
+    rewritten = relocate.to_local(json.dumps({"child_paths": {"x": "/etc/passwd"}}).encode(), "/cache/KEY")
     assert json.loads(rewritten)["child_paths"] == {"x": "/cache/KEY/passwd"}
 
 
