@@ -56,6 +56,8 @@ def bench(label: str, src: Path, repeat: int) -> list[str]:
 
     unpack_ours = timed(lambda: subprocess.run([*BUNDLER, "unpack", str(ours_file), "--into", str(dest)],
                                                check=True, stdout=subprocess.DEVNULL), fresh_dest, repeat)
+    unpack_raw = timed(lambda: subprocess.run([*BUNDLER, "unpack", str(ours_file), "--into", str(dest), "--raw"],
+                                              check=True, stdout=subprocess.DEVNULL), fresh_dest, repeat)
     unpack_theirs = timed(lambda: shell(f"zstd -q -dc {theirs_file} | tar -C {dest} -xf -"), fresh_dest, repeat)
     # The library path (begin_compile inside a running job) pays no interpreter start or imports.
     from bundler import archive
@@ -68,6 +70,7 @@ def bench(label: str, src: Path, repeat: int) -> list[str]:
         f"({theirs_file.stat().st_size / ours_file.stat().st_size:.2f}x smaller)",
         "  " + row("pack   vs tar | zstd -T0 -3", pack_ours, pack_theirs, mb),
         "  " + row("unpack vs zstd -dc | tar -x", unpack_ours, unpack_theirs, mb),
+        "  " + row("unpack --raw (no group relocation)", unpack_raw, unpack_theirs, mb),
         "  " + row("pack   in-process (library)", pack_lib, pack_theirs, mb),
         "  " + row("unpack in-process (library)", unpack_lib, unpack_theirs, mb),
     ]
