@@ -20,14 +20,14 @@ from typing import BinaryIO, Protocol
 
 from bundler import bundle_reader, manifest
 from bundler.bundle_reader import BEGIN, DATA, END, MANIFEST, check_hash
-from bundler.bundle_writer import PackResult, Source, compressor, default_producer, pack
+from bundler.bundle_writer import PackResult, Source, compressor, default_producer, pack, packed
 from bundler.config import Settings
 from bundler.errors import LimitExceededError
 from bundler.manifest import FileRecord, Manifest
 from bundler.placement import Destination, Placement, local_error
 
 __all__ = [
-    "PackResult", "Rewriter", "Source", "compressor", "default_producer", "iter_files", "pack",
+    "PackResult", "Rewriter", "Source", "compressor", "default_producer", "iter_files", "pack", "packed",
     "read_manifest", "unpack", "verify",
 ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import os
 import shutil
 import sys
@@ -210,17 +211,55 @@ def compressor(settings: Settings) -> zstandard.ZstdCompressor:
     return zstandard.ZstdCompressor(compression_params=params)
 
 
-class _Counting:
-    """Counts bytes on their way to the caller's file object."""
+class _Chained(io.RawIOBase):
+    """The manifest frame, then the spooled member frame, read as one stream (no copy of either)."""
 
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = out
-        self.count = 0
+    def __init__(self, head: bytes, body: BinaryIO) -> None:
+        super().__init__()
+        self._head = memoryview(head)
+        self._body = body
 
-    def write(self, data: bytes) -> int:
-        self._out.write(data)
-        self.count += len(data)
-        return len(data)
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        return self._body.readinto(buffer)
+
+
+@contextlib.contextmanager
+def packed(
+    source: Source,
+    *,
+    settings: Settings | None = None,
+    producer: Mapping[str, str] | None = None,
+) -> Iterator[tuple[PackResult, BinaryIO]]:
+    """Pack ``source`` and hold the bundle as a stream to read once (to a file, or to a store).
+
+    The manifest must come first but needs every file's hash, so the members are compressed (and
+    hashed, in one read) into a spool first; the bundle is then a separate zstd frame holding the
+    manifest followed by the spooled frame. Concatenated frames are one valid zstd stream. Pushing
+    reads the stream straight from the spool: the compressed bytes are never copied again.
+    """
+    settings = settings or Settings.from_env()
+    items = _collect(source)
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as body:
+        writer = compressor(settings).stream_writer(body, closefd=False)
+        records = _write_members(items, writer)
+        writer.close()
+        man = manifest.build(records, default_producer() if producer is None else producer)
+        encoded = man.encode()
+        head = compressor(settings).compress(
+            tarformat.file_header(MANIFEST_NAME, len(encoded)) + encoded + bytes(tarformat.padding(len(encoded)))
+        )
+        size = len(head) + body.tell()
+        body.seek(0)
+        stream = io.BufferedReader(_Chained(head, body), buffer_size=_CHUNK)
+        yield PackResult(digest=man.digest, manifest=man, compressed_size=size), stream  # type: ignore[misc]
 
 
 def pack(
@@ -233,25 +272,11 @@ def pack(
     """Write a bundle of ``source`` (a directory, or arcname -> path or bytes) to ``out``.
 
     The output is byte-identical for the same files and producer facts, whatever the order of
-    discovery, mtimes or owners. The manifest must come first but needs every file's hash, so the
-    members are compressed (and hashed, in one read) into a spool first, then written after a
-    separate zstd frame holding the manifest; concatenated frames are one valid zstd stream.
-    ``out`` receives a partial stream if this raises: callers that write files write to a
-    temporary name and rename.
+    discovery, mtimes or owners. ``out`` receives a partial stream if this raises: callers that
+    write files write to a temporary name and rename.
     """
-    settings = settings or Settings.from_env()
-    items = _collect(source)
-    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as body:
-        writer = compressor(settings).stream_writer(body, closefd=False)
-        records = _write_members(items, writer)
-        writer.close()
-        man = manifest.build(records, default_producer() if producer is None else producer)
-        encoded = man.encode()
-        head = tarformat.file_header(MANIFEST_NAME, len(encoded)) + encoded + bytes(tarformat.padding(len(encoded)))
-        sink = _Counting(out)
-        sink.write(compressor(settings).compress(head))
-        body.seek(0)
-        shutil.copyfileobj(body, sink, _CHUNK)
-    return PackResult(digest=man.digest, manifest=man, compressed_size=sink.count)
+    with packed(source, settings=settings, producer=producer) as (result, stream):
+        shutil.copyfileobj(stream, out, _CHUNK)
+    return result
 
 

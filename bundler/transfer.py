@@ -92,10 +92,8 @@ def push(
     settings = settings or Settings.from_env()
     if ref is not None:
         layout.check_name(ref)
-    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
-        packed = archive.pack(source, spool, settings=settings, producer=producer)
-        spool.seek(0)
-        uploaded = upload(store, spool, packed.digest, packed.compressed_size, progress=progress)
+    with archive.packed(source, settings=settings, producer=producer) as (packed, stream):
+        uploaded = upload(store, stream, packed.digest, packed.compressed_size, progress=progress)
     written = None
     if ref is not None:
         written = refs.write_ref(

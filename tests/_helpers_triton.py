@@ -59,3 +59,23 @@ def run_job(settings: Settings, *args: str) -> dict:
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
+
+
+def fake_gpu_driver(monkeypatch, driver_target) -> None:  # noqa: ANN001 - pytest's MonkeyPatch, a callable
+    """Make ``keys.backend_hash`` see a CUDA target through ``driver_target`` (no torch, no GPU).
+
+    The backend hash is cached per process: it is cleared here, and the caller clears it again
+    when done (``keys.backend_hash.cache_clear()`` in a ``finally``).
+    """
+    from types import SimpleNamespace
+
+    from triton import knobs
+    from triton.compiler import compiler
+
+    from bundler import keys
+
+    monkeypatch.setattr(knobs.runtime, "interpret", False)
+    monkeypatch.setattr(keys, "_target_without_driver", lambda: None)
+    monkeypatch.setattr(keys, "_driver_target", driver_target)
+    monkeypatch.setattr(compiler, "make_backend", lambda target: SimpleNamespace(hash=lambda: "ptxas-12.8"))
+    keys.backend_hash.cache_clear()

@@ -9,6 +9,8 @@ import pytest
 
 from bundler import keys
 
+from _helpers_triton import fake_gpu_driver
+
 SOURCE = '''
 def f(x):  # run 41 on /home/ci/a
     s = "# not a comment"
@@ -71,9 +73,6 @@ def test_backend_hash_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> 
 def test_backend_hash_does_not_keep_a_fallback_that_came_from_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    from triton import knobs
-    from triton.compiler import compiler
-
     answers: list[object] = [RuntimeError("cannot join current thread"), SimpleNamespace(backend="cuda", arch=90,
                                                                                           warp_size=32)]
 
@@ -83,11 +82,7 @@ def test_backend_hash_does_not_keep_a_fallback_that_came_from_a_failure(monkeypa
             raise answer
         return answer
 
-    monkeypatch.setattr(knobs.runtime, "interpret", False)
-    monkeypatch.setattr(keys, "_target_without_driver", lambda: None)
-    monkeypatch.setattr(keys, "_driver_target", driver_target)
-    monkeypatch.setattr(compiler, "make_backend", lambda target: SimpleNamespace(hash=lambda: "ptxas-12.8"))
-    keys.backend_hash.cache_clear()
+    fake_gpu_driver(monkeypatch, driver_target)
     try:
         assert keys.backend_hash() == keys.interpreter_backend()  # a guess: asked again next time
         assert keys.backend_hash() == "cuda-90-32-ptxas-12.8"

@@ -24,7 +24,7 @@ from bundler.errors import StoreUnreachableError
 from bundler.stores import layout, open_store, shared
 from bundler.stores.base import Store
 
-from _helpers_triton import GROUP_KEY, autotune_record, fake_kernel, node_settings
+from _helpers_triton import GROUP_KEY, autotune_record, fake_gpu_driver, fake_kernel, node_settings
 
 CODE = "def model(x):  # built 2026-01-01 on ci-7\n    return x\n"
 
@@ -216,9 +216,6 @@ def test_key_derivation_that_reads_the_cache_does_not_wait_for_its_own_fetch(
     """
     from types import SimpleNamespace
 
-    from triton import knobs
-    from triton.compiler import compiler
-
     begun = threading.Event()
     asked_from: list[str] = []
 
@@ -228,11 +225,7 @@ def test_key_derivation_that_reads_the_cache_does_not_wait_for_its_own_fetch(
         asked_from.append(threading.current_thread().name)
         return SimpleNamespace(backend="cuda", arch=90, warp_size=32)
 
-    monkeypatch.setattr(knobs.runtime, "interpret", False)
-    monkeypatch.setattr(keys, "_target_without_driver", lambda: None)
-    monkeypatch.setattr(keys, "_driver_target", driver_target)
-    monkeypatch.setattr(compiler, "make_backend", lambda target: SimpleNamespace(hash=lambda: "ptxas-12.8"))
-    keys.backend_hash.cache_clear()
+    fake_gpu_driver(monkeypatch, driver_target)
     try:
         settings = node_settings(tmp_path, "a", local_store_url)
         started = time.monotonic()
