@@ -119,7 +119,7 @@ def test_python_tarfile_reads_a_bundle(tmp_path):
 def test_long_distance_matching_shrinks_far_apart_repeats():
     """A kernel repeated inside a large pickle, as Inductor's FX-graph cache does."""
     kernel = os.urandom(1 << 20)
-    # 6 MiB apart: beyond level 3's normal 2 MiB window, well inside the 128 MiB long window
+    # 6 MiB apart: beyond level 3's normal 2 MiB window, well inside the 16 MiB long window
     files = {"triton/k.cubin": kernel, "inductor/graph.pkl": kernel + os.urandom(6 << 20)}
     with_ldm, _ = pack_bytes(files)
     without, _ = pack_bytes(files, settings=Settings(zstd_threads=1, long_window_log=0))
@@ -230,3 +230,57 @@ def test_stale_staging_left_by_a_killed_process_is_swept(tmp_path):
     data, _ = pack_bytes({"x": b"1"})
     archive.unpack(io.BytesIO(data), tmp_path, settings=SETTINGS)
     assert not stale.exists() and fresh.exists()  # another process may still be using the fresh one
+
+
+def test_new_folders_move_whole_and_existing_ones_merge(tmp_path):
+    """A warm cache gains the kernels it lacked and keeps the files the bundle does not carry."""
+    dest = tmp_path / "cache"
+    (dest / "old").mkdir(parents=True)
+    (dest / "old/keep.txt").write_bytes(b"mine")
+    (dest / "old/k.bin").write_bytes(b"stale")
+    files = {"old/k.bin": b"fresh", "new/deep/a.bin": b"a", "new/b.bin": b"b", "top.json": b"{}"}
+    data, _ = pack_bytes(files)
+    archive.unpack(io.BytesIO(data), dest, settings=SETTINGS)
+    assert {p: (dest / p).read_bytes() for p in files} == files
+    assert (dest / "old/keep.txt").read_bytes() == b"mine"
+    assert sorted(p.name for p in dest.iterdir()) == ["new", "old", "top.json"]
+
+
+def _make_after_planning(monkeypatch, make) -> None:
+    """Run ``make`` between the moment unpack decides a folder is absent and its rename:
+    the window in which another process can create it."""
+    from bundler import placement
+
+    plan = placement.Placement._plan
+
+    def plan_then_race(self):
+        result = plan(self)
+        make()
+        return result
+
+    monkeypatch.setattr(placement.Placement, "_plan", plan_then_race)
+
+
+def test_folder_made_by_another_process_meanwhile_is_merged(tmp_path, monkeypatch):
+    dest = tmp_path / "cache"
+    data, _ = pack_bytes({"k/a.bin": b"ours", "k/sub/b.bin": b"ours too"})
+
+    def other_process():
+        (dest / "k").mkdir()
+        (dest / "k/theirs.bin").write_bytes(b"theirs")
+
+    _make_after_planning(monkeypatch, other_process)
+    archive.unpack(io.BytesIO(data), dest, settings=SETTINGS)
+    files = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert files == {"k/a.bin": b"ours", "k/sub/b.bin": b"ours too", "k/theirs.bin": b"theirs"}
+
+
+def test_link_planted_meanwhile_is_not_written_through(tmp_path, monkeypatch):
+    dest, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    data, _ = pack_bytes({"k/a.bin": b"payload"})
+    _make_after_planning(monkeypatch, lambda: (dest / "k").symlink_to(outside))
+    with pytest.raises(UnsafeMemberError, match="outside"):
+        archive.unpack(io.BytesIO(data), dest, settings=SETTINGS)
+    assert list(outside.iterdir()) == []
+    assert [p.name for p in dest.iterdir()] == ["k"]  # the planted link, and no staging folder
