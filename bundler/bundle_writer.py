@@ -196,9 +196,10 @@ def compressor(settings: Settings) -> zstandard.ZstdCompressor:
     """zstd at the configured level with long-distance matching, so far-apart repeats compress.
 
     Real caches repeat kernels inside Inductor's FX-graph pickles, far apart: ``--long=27`` made
-    the H200 caches 2.6x smaller. A fixed 16 MiB job size keeps long matching parallel (zstd would
-    otherwise make one job of the whole window) and makes the output independent of the number of
-    threads, so every machine produces the same bytes.
+    the H200 caches 2.6x smaller. The default window is 16 MiB, not 128: a reader's cost grows
+    with the window (see ``Settings.long_window_log``). A fixed 16 MiB job size keeps long matching
+    parallel (zstd would otherwise make one job of the whole window) and makes the output
+    independent of the number of threads, so every machine produces the same bytes.
     """
     long = {"enable_ldm": True, "window_log": settings.long_window_log} if settings.long_window_log else {}
     params = zstandard.ZstdCompressionParameters.from_level(
