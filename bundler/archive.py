@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from bundler import bundle_reader, manifest
-from bundler.bundle_reader import BEGIN, DATA, END, MANIFEST, check_hash
+from bundler.bundle_reader import BEGIN, CHECKED_BEGIN, DATA, END, MANIFEST, check_hash
 from bundler.bundle_writer import PackResult, Source, compressor, default_producer, pack, packed
 from bundler.config import Settings
 from bundler.errors import LimitExceededError
@@ -47,16 +47,20 @@ class Rewriter(Protocol):
 
 
 class _Hasher:
-    """The sink of ``verify``: every member hashed, nothing written."""
+    """The sink of ``verify``: every member hashed (unless the reader already checked it)."""
 
-    def begin(self, record: FileRecord) -> None:
-        self._digest = hashlib.sha256()
+    _digest: hashlib._Hash | None
+
+    def begin(self, record: FileRecord, checked: bool = False) -> None:
+        self._digest = None if checked else hashlib.sha256()
 
     def data(self, piece: memoryview) -> None:
-        self._digest.update(piece)
+        if self._digest is not None:
+            self._digest.update(piece)
 
     def end(self, record: FileRecord) -> None:
-        check_hash(record, self._digest)
+        if self._digest is not None:
+            check_hash(record, self._digest)
 
 
 class _Extractor(_Hasher):
@@ -68,8 +72,8 @@ class _Extractor(_Hasher):
         self._fd = -1
         self._held: list[bytes] | None = None  # a member the rewriter wants, held until verified
 
-    def begin(self, record: FileRecord) -> None:
-        super().begin(record)
+    def begin(self, record: FileRecord, checked: bool = False) -> None:
+        super().begin(record, checked)
         self._staged, self._target = self._placement.stage(record.path)
         if self._rewrite is not None and self._rewrite.wants(record.path):
             if record.size > _MAX_REWRITTEN_MEMBER:
@@ -83,7 +87,8 @@ class _Extractor(_Hasher):
         self._fd = self._open()
 
     def data(self, piece: memoryview) -> None:
-        self._digest.update(piece)
+        if self._digest is not None:
+            self._digest.update(piece)
         if self._held is not None:
             self._held.append(bytes(piece))
             return
@@ -96,13 +101,13 @@ class _Extractor(_Hasher):
     def end(self, record: FileRecord) -> None:
         if self._held is None:
             self._close()
-            check_hash(record, self._digest)
+            super().end(record)
             return
-        check_hash(record, self._digest)
+        super().end(record)
         data = self._rewrite(record.path, b"".join(self._held), Path(self._target))  # type: ignore[misc]
-        self._held = None
+        self._held, self._digest = None, None
         self._fd = self._open()
-        self.data(memoryview(data))  # hashes the new bytes into a digest nobody checks: harmless
+        self.data(memoryview(data))
         self._close()
 
     def _open(self) -> int:
@@ -123,7 +128,7 @@ class _Extractor(_Hasher):
 def _consume(stream: BinaryIO, settings: Settings, expected_digest: str | None, sink: _Hasher) -> Manifest:
     if expected_digest is not None:
         manifest.check_digest(expected_digest)
-    events = bundle_reader.Prefetch(bundle_reader.events(stream, settings, expected_digest))
+    events = bundle_reader.Prefetch(bundle_reader.events(stream, settings, expected_digest), share_hashing=True)
     man = None
     try:
         for kind, value in events:
@@ -131,6 +136,8 @@ def _consume(stream: BinaryIO, settings: Settings, expected_digest: str | None, 
                 sink.data(value)  # type: ignore[arg-type]
             elif kind == BEGIN:
                 sink.begin(value)  # type: ignore[arg-type]
+            elif kind == CHECKED_BEGIN:
+                sink.begin(value, checked=True)  # type: ignore[arg-type]
             elif kind == END:
                 sink.end(value)  # type: ignore[arg-type]
             elif kind == MANIFEST:

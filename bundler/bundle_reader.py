@@ -33,7 +33,9 @@ from bundler.errors import (
 from bundler.manifest import MANIFEST_NAME, FileRecord, Manifest
 
 #: Event kinds: (MANIFEST, Manifest), (BEGIN, FileRecord), (DATA, memoryview), (END, FileRecord).
-MANIFEST, BEGIN, DATA, END = range(4)
+#: :class:`Prefetch` may turn a BEGIN into CHECKED_BEGIN: it hashes that member itself, and raises
+#: in its place before the member's END if the bytes do not match, so the consumer need not.
+MANIFEST, BEGIN, DATA, END, CHECKED_BEGIN = range(5)
 
 _CHUNK = 1 << 20
 #: Manifest size allowed per permitted member: an entry is ~130 bytes plus its path.
@@ -206,10 +208,15 @@ class Prefetch:
     An exception in the worker reaches the caller after every item produced before it, so the
     caller's view is exactly that of iterating ``source`` itself. Memory is bounded by the queue
     depth times the batch size. ``close`` stops the worker early (the caller gave up).
+
+    With ``share_hashing``, the worker balances the load: when the caller falls behind (batches
+    pile up in the queue), the worker hashes the next member itself and hands it over as
+    CHECKED_BEGIN. Decompressing is cheaper than hashing plus writing, so on two cores a fixed
+    split leaves one of them idle; this one adapts to whichever side is slower on the machine.
     """
 
-    def __init__(self, source: Iterator[tuple[int, object]], depth: int = 8) -> None:
-        self._source = source
+    def __init__(self, source: Iterator[tuple[int, object]], depth: int = 8, share_hashing: bool = False) -> None:
+        self._source = _worker_hashes(source, self) if share_hashing else source
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="bundler-read", daemon=True)
@@ -251,9 +258,37 @@ class Prefetch:
                 raise item
             yield from item  # type: ignore[misc]
 
+    def backlog(self) -> int:
+        """Batches produced and not yet taken by the caller."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _worker_hashes(source: Iterator[tuple[int, object]], prefetch: Prefetch) -> Iterator[tuple[int, object]]:
+    """``source``, hashing and checking the members that start while the caller is behind."""
+    hasher = None
+    try:
+        for kind, value in source:
+            if kind == DATA:
+                if hasher is not None:
+                    hasher.update(value)  # type: ignore[arg-type]
+            elif kind == BEGIN:
+                if prefetch.backlog() >= _CALLER_BEHIND:
+                    hasher = hashlib.sha256()
+                    kind = CHECKED_BEGIN
+            elif kind == END and hasher is not None:
+                check_hash(value, hasher)  # type: ignore[arg-type]
+                hasher = None
+            yield kind, value
+    finally:
+        source.close()  # type: ignore[attr-defined]
+
+
+#: Batches waiting in the queue at which the caller counts as behind.
+_CALLER_BEHIND = 2
 
 
 def check_hash(record: FileRecord, digest: hashlib._Hash) -> None:

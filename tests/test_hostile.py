@@ -100,10 +100,53 @@ def test_size_mismatch_is_rejected(area):
     rejects(area, craft(members, GOOD)[0], IntegrityError, "z/last.ptx.*bytes")
 
 
-def test_hash_mismatch_in_last_member_leaves_nothing_visible(area):
+@pytest.fixture(params=["caller", "reader thread"])
+def hashed_by(request, monkeypatch) -> str:
+    """Who hashes a member depends on load (bundle_reader.Prefetch); force each side in turn."""
+    from bundler import bundle_reader
+
+    monkeypatch.setattr(bundle_reader, "_CALLER_BEHIND", 1 << 30 if request.param == "caller" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_hash_mismatch_leaves_nothing_visible(area, hashed_by, index):
     members = [regular(n, d) for n, d in sorted(GOOD.items())]
-    members[2] = regular("z/last.ptx", b"X" * len(GOOD["z/last.ptx"]))
-    rejects(area, craft(members, GOOD)[0], IntegrityError, "z/last.ptx.*sha256")
+    name = members[index][0].name
+    members[index] = regular(name, b"X" * len(GOOD[name]))
+    rejects(area, craft(members, GOOD)[0], IntegrityError, f"{name}.*sha256")
+
+
+def test_honest_bundle_unpacks_whoever_hashes(area, hashed_by):
+    data, digest = honest(GOOD)
+    archive.unpack(io.BytesIO(data), area / "dest", expected_digest=digest, settings=SETTINGS)
+    assert {n: (area / "dest" / n).read_bytes() for n in GOOD} == GOOD
+
+
+class _Upper:
+    """A rewriter (like Triton's group-file relocation) that must only ever see verified bytes."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+
+    def wants(self, name: str) -> bool:
+        return name.endswith(".json")
+
+    def __call__(self, name: str, data: bytes, target: Path) -> bytes:
+        self.seen.append(data)
+        return data.upper()
+
+
+def test_rewriter_sees_only_verified_members(area, hashed_by):
+    data, _ = honest(GOOD)
+    rewriter = _Upper()
+    archive.unpack(io.BytesIO(data), area / "dest", settings=SETTINGS, rewrite=rewriter)
+    assert (area / "dest/k/b.json").read_bytes() == GOOD["k/b.json"].upper()
+    members = [regular(n, d) for n, d in sorted(GOOD.items())]
+    members[1] = regular("k/b.json", b"X" * len(GOOD["k/b.json"]))
+    rewriter = _Upper()
+    rejects(area, craft(members, GOOD)[0], IntegrityError, "k/b.json.*sha256", rewrite=rewriter)
+    assert rewriter.seen == []
 
 
 def test_requested_digest_must_match(area):
