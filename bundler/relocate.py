@@ -33,7 +33,7 @@ import logging
 import os
 import posixpath
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def is_group_file(name: str) -> bool:
 def _child_name(path: object) -> str | None:
     if not isinstance(path, str):
         return None
-    name = PurePosixPath(path.replace("\\", "/")).name
-    return None if name in ("", ".", "..") else name
+    name = posixpath.basename(posixpath.normpath(path.replace("\\", "/")))
+    return None if name in ("", ".", "..", "/") else name
 
 
 def _rewrite(data: bytes, place: Callable[[str], str]) -> bytes:
@@ -103,4 +103,4 @@ class GroupFileRewriter:
         return is_group_file(name)
 
     def __call__(self, name: str, data: bytes, target: Path) -> bytes:
-        return to_local(data, Path(target).parent)
+        return to_local(data, os.path.dirname(target))
