@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import extract_fixture, make_corpus  # noqa: E402
-from harness import BUNDLER, cleanup, row, scratch, shell, timed  # noqa: E402
+from harness import BUNDLER, cleanup, like_an_installed_package, row, scratch, shell, timed  # noqa: E402
 
 
 def corpora() -> dict[str, Path]:
@@ -95,6 +95,7 @@ def main() -> None:
         if not shutil.which(tool):
             sys.exit(f"{tool} is needed for the baseline; install it (apt-get install {tool})")
     print(f"machine: {os.cpu_count()} cores, scratch on tmpfs; median of {args.repeat} runs")
+    like_an_installed_package()
     try:
         for label, src in corpora().items():
             for line in bench(label, src, args.repeat):

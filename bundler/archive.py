@@ -16,15 +16,31 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from bundler import bundle_reader, manifest
 from bundler.bundle_reader import BEGIN, CHECKED_BEGIN, DATA, END, MANIFEST, check_hash
-from bundler.bundle_writer import PackResult, Source, compressor, default_producer, pack, packed
 from bundler.config import Settings
 from bundler.errors import LimitExceededError
 from bundler.manifest import FileRecord, Manifest
 from bundler.placement import Destination, Placement, local_error
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bundler.bundle_writer import PackResult, Source, compressor, default_producer, pack, packed
+
+#: The writing half, imported when first used: ``bundler unpack`` and ``begin_compile`` never pack.
+_WRITER_NAMES = frozenset({"PackResult", "Source", "compressor", "default_producer", "pack", "packed"})
+
+
+def __getattr__(name: str) -> object:
+    if name not in _WRITER_NAMES:
+        raise AttributeError(f"module 'bundler.archive' has no attribute {name!r}")
+    from bundler import bundle_writer
+
+    value = getattr(bundle_writer, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PackResult", "Rewriter", "Source", "compressor", "default_producer", "iter_files", "pack", "packed",

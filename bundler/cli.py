@@ -243,5 +243,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The console script: ``main``, then exit without tearing the interpreter down.
+
+    Tearing down the modules costs ~6 ms per command, a tenth of a ``bundler unpack`` of a real
+    cache. Nothing is lost by skipping it: by the time ``main`` returns, every file is closed,
+    every temp file removed, every thread joined, and log records were flushed as they were
+    written; only stdout and stderr may still hold buffered text.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):
+        sys.exit(code)  # the normal way out, which knows how to report a closed pipe
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import stat
 import tempfile
 import time
@@ -167,7 +166,7 @@ class Placement:
         folder itself when it did not exist.
         """
         for staging in self._staging.values():
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove_tree(staging)
         self._staging.clear()
         for folder in reversed(self._created):
             try:
@@ -202,6 +201,19 @@ class Placement:
                 continue
             if stat.S_ISDIR(mode):
                 raise UnsafeMemberError(f"{target} is a directory, but the bundle has a file there")
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a staging folder. After a commit that moved whole folders it is already empty, and
+    one ``rmdir`` spares ``bundler unpack`` the import of shutil (bz2, lzma: ~2 ms per command)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _make_folder(path: str) -> None:
@@ -240,7 +252,7 @@ def _sweep_stale_staging(root: str) -> None:
         return
     for path in stale:
         log.info("removing %s, left behind by an interrupted unpack", path)
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_tree(path)
 
 
 def _check_parent(root: str, real_root: str, parent: str) -> None:

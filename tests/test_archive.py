@@ -24,7 +24,8 @@ from bundles import snapshot, write_tree
 SETTINGS = Settings(zstd_threads=1)
 
 _segment = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-ÄéΩ", min_size=1, max_size=40).filter(
-    lambda s: s not in (".", "..") and s != MANIFEST_NAME
+    # pack skips folders named like an unpack's staging folder (left by a killed unpack)
+    lambda s: s not in (".", "..") and s != MANIFEST_NAME and not s.startswith(".bundler-staging-")
 )
 _paths = st.lists(_segment, min_size=1, max_size=4).map("/".join)
 _trees = st.dictionaries(_paths, st.binary(max_size=3000), min_size=0, max_size=25).filter(
