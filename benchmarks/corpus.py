@@ -80,6 +80,9 @@ def extract_fixture(name: str, root: Path) -> Path:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    print(make_corpus(Path(sys.argv[1])))
+    parser = argparse.ArgumentParser(description="Write the synthetic Triton-shaped corpus into DIR.")
+    parser.add_argument("dir", type=Path)
+    files, size = make_corpus(parser.parse_args().dir)
+    print(f"{files} files, {size} bytes")
