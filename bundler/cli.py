@@ -150,20 +150,49 @@ def _digest(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized without ``shutil.get_terminal_size``.
+
+    argparse builds a formatter for every ``add_argument`` (to check metavars), and its default
+    one imports shutil, and with it bz2 and lzma: ~2.5 ms added to every command for nothing.
+    Same answer: ``$COLUMNS``, else the terminal on stdout, else 80.
+    """
+
+    def __init__(self, prog: str, **kwargs) -> None:  # noqa: ANN003 - argparse's own keywords
+        if kwargs.get("width") is None:
+            kwargs["width"] = _terminal_columns() - 2  # what argparse does with shutil's answer
+        super().__init__(prog, **kwargs)
+
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, as shutil computes it."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bundler",
         description="Pack, verify and ship GPU compile caches as content-addressed bundles.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kernel-bundler {__version__}")
     _add_output_flags(parser, verbose=0, quiet=False)
     # A subcommand's flags default to SUPPRESS so they do not overwrite what came before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=_HelpFormatter)
     _add_output_flags(common, verbose=argparse.SUPPRESS, quiet=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="bundler")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_HelpFormatter)
         p.set_defaults(func=func)
         return p
 

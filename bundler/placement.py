@@ -23,7 +23,6 @@ import errno
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,7 +99,7 @@ class Placement:
         try:
             self._make_root(root)
             _sweep_stale_staging(root)
-            staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
+            staging = _make_staging(root)
         except OSError as exc:
             raise local_error(exc, "create a staging folder in", root) from exc
         self._staging[root] = staging
@@ -201,6 +200,19 @@ class Placement:
                 continue
             if stat.S_ISDIR(mode):
                 raise UnsafeMemberError(f"{target} is a directory, but the bundle has a file there")
+
+
+def _make_staging(root: str) -> str:
+    """``tempfile.mkdtemp`` (a fresh, private 0700 folder) without importing tempfile, shutil,
+    bz2, lzma and random into every ``bundler unpack``."""
+    for _ in range(100):
+        path = os.path.join(root, STAGING_PREFIX + os.urandom(8).hex())
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no unused staging folder name", root)
 
 
 def _remove_tree(path: str) -> None:

@@ -176,3 +176,14 @@ def test_closed_pipe_is_quiet(tmp_path):
 def test_ls_of_a_missing_store_folder_is_a_miss(tmp_path):
     result = bundler("ls", "--remote", str(tmp_path / "typo"))
     assert result.returncode == 3 and b"does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("columns", ["50", "120"])
+def test_help_fits_the_terminal_width(columns):
+    """Help is wrapped to $COLUMNS like any argparse program (we size it without shutil)."""
+    result = bundler("unpack", "--help", env={"COLUMNS": columns})
+    assert result.returncode == 0
+    lines = result.stdout.decode().splitlines()
+    assert max(len(line) for line in lines) <= int(columns)
+    if columns == "120":  # wide enough that the usage fits on one line
+        assert lines[0].startswith("usage: bundler unpack") and lines[0].rstrip().endswith("file")
