@@ -105,6 +105,7 @@ class _Extractor(_Hasher):
     def data(self, piece: memoryview) -> None:
         if self._digest is not None:
             self._digest.update(piece)
+        self._placement.keep_alive()
         if self._held is not None:
             self._held.append(bytes(piece))
             return

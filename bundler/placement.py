@@ -61,6 +61,7 @@ class Placement:
         self._created: list[str] = []  # folders this placement made, outermost first
         # (root, first component, path below the root) of every staged file, in stream order
         self._moves: list[tuple[str, str, str]] = []
+        self._touched = time.monotonic()
 
     def target(self, name: str) -> tuple[Path, Path]:
         """The root and final path of member ``name`` (already checked by manifest.check_path)."""
@@ -93,7 +94,25 @@ class Placement:
                 raise local_error(exc, "create a staging folder in", root) from exc
             self._staged_dirs.add(parent)
         self._moves.append((root, rel.partition("/")[0], rel))
+        self.keep_alive()
         return staged, os.path.join(root, rel)
+
+    def keep_alive(self) -> None:
+        """Refresh the staging folders' mtime now and then, so no other process sweeps them.
+
+        Another unpack into the same root removes staging folders untouched for an hour (left
+        by a killed process). Files staged in subfolders do not change the staging folder's own
+        mtime, and one large member can stream for a long time, so the unpack says it is alive.
+        """
+        now = time.monotonic()
+        if now - self._touched < _KEEP_ALIVE_SECONDS:
+            return
+        self._touched = now
+        for staging in self._staging.values():
+            try:
+                os.utime(staging)
+            except OSError:
+                continue  # the commit will report a vanished folder with a clear message
 
     def _new_staging(self, root: str) -> str:
         try:
@@ -110,16 +129,25 @@ class Placement:
         """Check every target, then move all staged files into place."""
         whole, each = self._plan()
         self._check_targets(each)
+        moved: list[tuple[str, str]] = []
         target = ""
         try:
             for root, top in whole:
                 target = os.path.join(root, top)
-                if not self._move_subtree(root, top):
-                    # Lost a race: another process (most likely placing this same bundle) made
-                    # the folder meanwhile. Merge file by file, checked like any existing folder.
-                    group = [m for m in self._moves if m[0] == root and m[1] == top]
+                if self._move_subtree(root, top):
+                    moved.append((root, top))
+                    continue
+                # Lost a race: another process (most likely placing this same bundle) made the
+                # folder meanwhile. Merge file by file, checked like any existing folder; if the
+                # check refuses, take back the folders already moved, so a refusal still leaves
+                # the roots as they were.
+                group = [m for m in self._moves if m[0] == root and m[1] == top]
+                try:
                     self._check_targets(group)
-                    each.extend(group)
+                except UnsafeMemberError:
+                    self._move_back(moved)
+                    raise
+                each.extend(group)
             made: set[str] = set()
             for root, _top, rel in each:
                 target = os.path.join(root, rel)
@@ -149,14 +177,35 @@ class Placement:
         return [key for key, absent in whole.items() if absent], each
 
     def _move_subtree(self, root: str, top: str) -> bool:
-        """One rename for a whole folder the root does not have; False if it appeared meanwhile."""
+        """One rename for a whole folder the root does not have; False if it appeared meanwhile.
+
+        ``rename`` never follows a link at the target and fails on anything but an empty folder
+        there, so this cannot write through whatever another process put in its place.
+        """
+        target = os.path.join(root, top)
         try:
-            os.rename(os.path.join(self._staging[root], top), os.path.join(root, top))
+            os.rename(os.path.join(self._staging[root], top), target)
+        except FileNotFoundError:
+            # Only we touch our staging folder; on a case-insensitive filesystem "K" and "k" are
+            # one staged folder, already moved with its twin.
+            if os.path.isdir(target):
+                return True
+            raise
         except OSError as exc:
-            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            # Taken meanwhile (EEXIST, ENOTEMPTY, ENOTDIR, EISDIR), or a folder owned by another
+            # user in a sticky shared root (EPERM, EACCES): the per-file path decides, and says why.
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR, errno.EPERM, errno.EACCES):
                 return False
             raise
         return True
+
+    def _move_back(self, moved: list[tuple[str, str]]) -> None:
+        """Return folders this commit moved into place to staging (which is then removed)."""
+        for root, top in reversed(moved):
+            try:
+                os.rename(os.path.join(root, top), os.path.join(self._staging[root], top))
+            except OSError as exc:
+                log.warning("could not take back %s after a refused unpack: %s", os.path.join(root, top), exc)
 
     def abort(self) -> None:
         """Remove staging folders, and folders we made that stayed empty; safe to call twice.
@@ -253,6 +302,8 @@ def _missing_folders(root: str) -> list[str]:
 
 #: Staging folders older than this were left by a killed process (OOM, SIGKILL) and are removed.
 STALE_STAGING_SECONDS = 3600
+#: How often a live unpack refreshes its staging folders' mtime (well under the above).
+_KEEP_ALIVE_SECONDS = 60
 
 
 def _sweep_stale_staging(root: str) -> None:

@@ -285,3 +285,36 @@ def test_link_planted_meanwhile_is_not_written_through(tmp_path, monkeypatch):
         archive.unpack(io.BytesIO(data), dest, settings=SETTINGS)
     assert list(outside.iterdir()) == []
     assert [p.name for p in dest.iterdir()] == ["k"]  # the planted link, and no staging folder
+
+
+def test_refusal_after_a_lost_race_takes_back_folders_already_moved(tmp_path, monkeypatch):
+    """All or nothing even then: 'a' moved whole, 'b' turned into a link meanwhile; 'a' goes back."""
+    dest, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    data, _ = pack_bytes({"a/x.bin": b"x", "b/y.bin": b"y", "top.json": b"{}"})
+    _make_after_planning(monkeypatch, lambda: (dest / "b").symlink_to(outside))
+    with pytest.raises(UnsafeMemberError, match="outside"):
+        archive.unpack(io.BytesIO(data), dest, settings=SETTINGS)
+    assert [p.name for p in dest.iterdir()] == ["b"]  # only the planted link
+    assert list(outside.iterdir()) == []
+
+
+def test_a_long_unpack_keeps_its_staging_folder_from_being_swept(tmp_path, monkeypatch):
+    """Another unpack removes staging folders untouched for an hour; a live one must not look so."""
+    from bundler import placement
+
+    monkeypatch.setattr(placement, "_KEEP_ALIVE_SECONDS", 0)
+    live = placement.Placement(tmp_path)
+    staged, _ = live.stage("k/deep/a.bin")
+    Path(staged).write_bytes(b"a")
+    staging = Path(staged).parents[2]
+    old = staging.stat().st_mtime - placement.STALE_STAGING_SECONDS - 10
+    os.utime(staging, (old, old))  # an hour of streaming one folder's members
+    live.stage("k/deep/b.bin")  # staging the next member says "alive"
+    data, _ = pack_bytes({"other": b"1"})
+    archive.unpack(io.BytesIO(data), tmp_path, settings=SETTINGS)  # sweeps stale staging
+    assert staging.is_dir()
+    Path(live.stage("k/c.bin")[0]).write_bytes(b"c")
+    Path(staging / "k/deep/b.bin").write_bytes(b"b")
+    live.commit()
+    assert (tmp_path / "k/deep/a.bin").read_bytes() == b"a" and (tmp_path / "k/c.bin").read_bytes() == b"c"
