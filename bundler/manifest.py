@@ -110,14 +110,22 @@ def check_path(path: str) -> str:
 def _check_unique(files: tuple[FileRecord, ...]) -> None:
     """No path twice, and no path that is both a file and a folder (``a`` and ``a/b``).
 
-    The second would make unpacking fail half-way, after ``a`` was already in place. Files are
-    sorted, so a conflicting pair always sits side by side.
+    The second would make unpacking fail half-way. Duplicates sit side by side in sorted order,
+    but a file and its would-be folder need not (``a``, ``a-b``, ``a/b``: '-' sorts before '/'),
+    so every folder on every path is looked up among the files.
     """
     for before, after in itertools.pairwise(files):
         if before.path == after.path:
             raise ManifestError(f"manifest lists {after.path!r} twice")
-        if after.path.startswith(before.path + "/"):
-            raise UnsafeMemberError(f"{before.path!r} is both a file and a folder (it holds {after.path!r})")
+    paths = {record.path for record in files}
+    folders_seen: set[str] = set()
+    for record in files:
+        folder = record.path.rpartition("/")[0]
+        while folder and folder not in folders_seen:
+            if folder in paths:
+                raise UnsafeMemberError(f"{folder!r} is both a file and a folder (it holds {record.path!r})")
+            folders_seen.add(folder)
+            folder = folder.rpartition("/")[0]
 
 
 def check_digest(digest: str) -> str:

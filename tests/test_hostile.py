@@ -244,8 +244,13 @@ def test_rejected_bundle_leaves_no_new_destination_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_file_and_folder_conflict_is_rejected_before_anything_moves(area):
-    files = {"k/a.cubin": b"1", "k/a.cubin/inner": b"2"}
+@pytest.mark.parametrize("files", [
+    {"k/a.cubin": b"1", "k/a.cubin/inner": b"2"},
+    # not neighbours once sorted: '-' sorts before '/'
+    {"k/a": b"1", "k/a-b": b"2", "k/a/b": b"3"},
+    {"a": b"1", "a-z/x": b"2", "a/b/c": b"3"},
+])
+def test_file_and_folder_conflict_is_rejected_before_anything_moves(area, files):
     rejects(area, craft([regular(n, d) for n, d in sorted(files.items())], files)[0], UnsafeMemberError,
             "both a file and a folder")
 
