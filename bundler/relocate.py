@@ -53,8 +53,11 @@ def is_group_file(name: str) -> bool:
 def _child_name(path: object) -> str | None:
     if not isinstance(path, str):
         return None
-    name = posixpath.basename(posixpath.normpath(path.replace("\\", "/")))
-    return None if name in ("", ".", "..", "/") else name
+    path = path.replace("\\", "/")
+    if ".." in path.split("/"):
+        return None  # not something Triton writes; normpath would quietly turn "a/b/.." into "a"
+    name = posixpath.basename(posixpath.normpath(path))
+    return None if name in ("", ".", "/") else name
 
 
 def _rewrite(data: bytes, place: Callable[[str], str]) -> bytes:

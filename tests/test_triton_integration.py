@@ -126,7 +126,7 @@ def test_group_file_relocation_round_trip(tmp_path: Path) -> None:
     assert not relocate.GroupFileRewriter().wants("triton/KEY/k.json")
 
 
-@pytest.mark.parametrize("child", ["..", "", 7])
+@pytest.mark.parametrize("child", ["..", "", 7, "a/b/..", "x/../..", "/"])
 def test_hostile_group_file_becomes_a_miss(child: object) -> None:
     rewritten = relocate.to_local(json.dumps({"child_paths": {"k.cubin": child}}).encode(), "/cache/KEY")
     assert json.loads(rewritten)["child_paths"] is None
