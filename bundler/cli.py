@@ -277,15 +277,18 @@ def run() -> None:
 
     Tearing down the modules costs ~6 ms per command, a tenth of a ``bundler unpack`` of a real
     cache. Nothing is lost by skipping it: by the time ``main`` returns, every file is closed,
-    every temp file removed, every thread joined, and log records were flushed as they were
-    written; only stdout and stderr may still hold buffered text.
+    every temp file removed, every thread that writes joined (prefetching download threads may
+    still be running; they only read), and log records were flushed as they were written; only
+    stdout and stderr may still hold buffered text.
     """
     code = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (BrokenPipeError, ValueError):
-        sys.exit(code)  # the normal way out, which knows how to report a closed pipe
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with the descriptor closed (`bundler ... >&-`)
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            sys.exit(code)  # the normal way out, which knows how to report a closed pipe
     os._exit(code)
 
 

@@ -187,3 +187,15 @@ def test_help_fits_the_terminal_width(columns):
     assert max(len(line) for line in lines) <= int(columns)
     if columns == "120":  # wide enough that the usage fits on one line
         assert lines[0].startswith("usage: bundler unpack") and lines[0].rstrip().endswith("file")
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_exit_code_survives_a_closed_stdout_or_stderr(packed, closed):
+    """`bundler verify b >&-` in a script: no output possible, but the exit code still counts."""
+    bundle, _ = packed
+    for args, code in ((["verify", str(bundle)], 0), (["verify", str(bundle), "--digest", "0" * 64], 4)):
+        result = subprocess.run(
+            [sys.executable, "-m", "bundler.cli", *args], capture_output=True, timeout=120,
+            preexec_fn=lambda: os.close(closed),  # noqa: PLW1509 - the child starts with the descriptor closed
+        )
+        assert result.returncode == code, result.stderr
