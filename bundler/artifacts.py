@@ -44,7 +44,7 @@ def load_artifacts(blob: bytes, *, settings: Settings | None = None) -> Manifest
     manifest = archive.unpack(io.BytesIO(blob), recording.dest_mapping(settings), settings=settings,
                               rewrite=GroupFileRewriter())
     for record in manifest.files:
-        recording.record_file(recording.local_path(record.path, settings), settings)
+        recording.record_member(record.path, settings)
     log.info("loaded %d cache artifacts into %s and %s", len(manifest.files), settings.cache_dir,
              settings.triton_cache_dir)
     return manifest

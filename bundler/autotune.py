@@ -48,6 +48,7 @@ from bundler.config import Settings
 from bundler.errors import ConfigError, NotFoundError
 from bundler.fileio import write_atomically
 from bundler.stores import layout, shared
+from bundler.stores.streams import read_up_to
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,7 @@ class AutotuneCache:
         key = layout.autotune_key(self.key)
         try:
             with shared.shared_store(self.settings).open_read(key) as stream:
-                data = _read_at_most(stream, RECORD_LIMIT + 1)
+                data = read_up_to(stream, RECORD_LIMIT + 1)
         except NotFoundError:
             return None
         except Exception as exc:  # the cache is an accelerator: no store failure reaches the job
@@ -447,19 +448,6 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
 
 # Remotes whose unsigned records were already warned about (one warning per process each).
 _unsigned_warned: set[str] = set()
-
-
-def _read_at_most(stream: Any, size: int) -> bytes:
-    """Up to ``size`` bytes of ``stream`` (a raw stream may return fewer per read than asked)."""
-    chunks: list[bytes] = []
-    left = size
-    while left > 0:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 def _parse(data: bytes, where: object) -> dict[str, Any] | None:

@@ -5,10 +5,11 @@ its end) that enforces the format's rules: manifest first and canonical, members
 order with the promised sizes, nothing but regular files, nothing after the end but a little zero
 padding. It does not hash or write member bytes; its consumer does.
 
-:class:`Prefetch` runs it in a worker thread. zstd releases the GIL, and the work splits evenly
-on two cores: the worker decompresses and parses, the caller hashes and writes. Events cross the
-thread boundary in batches of about a megabyte, so a cache of thousands of small files does not
-pay a queue hand-off per file.
+:class:`Prefetch` runs it in a worker thread. zstd releases the GIL, so two cores share the work:
+the worker decompresses and parses, the caller hashes and writes, and with ``share_hashing`` the
+worker also hashes members whenever the caller falls behind. Events cross the thread boundary in
+batches of about a megabyte, so a cache of thousands of small files does not pay a queue hand-off
+per file.
 """
 
 from __future__ import annotations

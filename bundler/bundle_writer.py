@@ -52,15 +52,17 @@ class PackResult:
 def default_producer() -> dict[str, str]:
     """Facts about the packing environment; they are part of the manifest and so of the digest."""
     import platform
-    from importlib.metadata import PackageNotFoundError, version
+
+    from bundler.keys import triton_version
 
     facts = {
         "bundler": __version__,
         "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
         "platform": f"{platform.system().lower()}-{platform.machine()}",
     }
-    with contextlib.suppress(PackageNotFoundError):
-        facts["triton"] = version("triton")
+    triton = triton_version()
+    if triton is not None:
+        facts["triton"] = triton
     return facts
 
 

@@ -95,12 +95,14 @@ _hash_source = code_hash  # compile_key's ``code_hash`` argument shadows the fun
 # --- versions and backend ------------------------------------------------------------------------
 
 
+@functools.cache
 def triton_version() -> str | None:
-    """The installed Triton's version, or None when Triton is not installed."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover - Python < 3.8
-        return None
+    """The installed Triton's version, or None when Triton is not installed.
+
+    Cached: every kernel's autotune key asks, and each metadata lookup scans ``site-packages``.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("triton")
     except PackageNotFoundError:

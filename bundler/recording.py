@@ -125,6 +125,13 @@ def record_file(path: str | os.PathLike[str], settings: Settings) -> str | None:
     return name
 
 
+def record_member(name: str, settings: Settings) -> Path:
+    """Record bundle member ``name`` where it now lies in the local caches (after an unpack)."""
+    path = local_path(name, settings)
+    record(name, source_for(name, path))
+    return path
+
+
 def process_entries() -> dict[str, Source]:
     """Everything recorded in this process so far."""
     return _process.entries()

@@ -212,9 +212,8 @@ class CompileSession:
         saved = 0
         vanished: list[str] = []
         for record in manifest.files:
-            path = recording.local_path(record.path, self.settings)
             try:
-                recording.record_file(path, self.settings)
+                path = recording.record_member(record.path, self.settings)
             except OSError:
                 vanished.append(record.path)
                 continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -179,9 +180,9 @@ def _already_unpacked(
         man = manifest_format.decode(data, max_members=settings.max_members)
         placement = Placement(dest)
         for record in man.files:
-            target = placement.target(record.path)[1]
+            found = placement.target(record.path)[1].stat()
             rewritten = rewrite is not None and rewrite.wants(record.path)
-            if not target.is_file() or (not rewritten and target.stat().st_size != record.size):
+            if not stat.S_ISREG(found.st_mode) or (not rewritten and found.st_size != record.size):
                 return None
         return man
     except (OSError, BundleError):
@@ -206,6 +207,17 @@ class _Tee:
         return len(data)
 
 
+def _verify_copying(
+    stream: BinaryIO, out: BinaryIO, settings: Settings, expected_digest: str | None = None
+) -> Manifest:
+    """Verify the bundle in ``stream`` completely while copying every byte of it to ``out``."""
+    tee = _Tee(stream, out)
+    man = archive.verify(tee, expected_digest=expected_digest, settings=settings)
+    while tee.read(_COPY_CHUNK):  # anything after the verified part (a little padding at most)
+        pass
+    return man
+
+
 def export(
     store: Store,
     out: BinaryIO,
@@ -219,11 +231,7 @@ def export(
     settings = settings or Settings.from_env()
     digest, found = _resolve(store, digest, ref, settings)
     with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
-        tee = _Tee(stream, out)
-        man = archive.verify(tee, expected_digest=digest, settings=settings)
-        while tee.read(_COPY_CHUNK):  # anything after the verified part (none, normally)
-            pass
-    return man
+        return _verify_copying(stream, out, settings, expected_digest=digest)
 
 
 def import_file(
@@ -244,10 +252,7 @@ def import_file(
     if ref is not None:
         layout.check_name(ref)
     with open(path, "rb") as f, tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
-        tee = _Tee(f, spool)
-        man = archive.verify(tee, settings=settings)
-        while tee.read(_COPY_CHUNK):
-            pass
+        man = _verify_copying(f, spool, settings)
         size = spool.tell()
         spool.seek(0)
         uploaded = upload(store, spool, man.digest, size, progress=progress)

@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from bundler.errors import LimitExceededError
 from bundler.progress import NULL_PROGRESS, Progress
+from bundler.stores.streams import read_up_to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Store(abc.ABC):
         bucket must not be able to make a training process allocate gigabytes.
         """
         with self.open_read(key) as stream:
-            data = stream.read(limit + 1)
+            data = read_up_to(stream, limit + 1)
         if len(data) > limit:
             raise LimitExceededError(
                 f"{key!r} in {self.url} is over {limit} bytes, too large for what it should be; "

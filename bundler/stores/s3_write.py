@@ -26,6 +26,7 @@ from bundler.errors import NotFoundError, StoreError
 from bundler.progress import Progress
 from bundler.stores.s3_client import S3Object
 from bundler.stores.s3_errors import error_code
+from bundler.stores.streams import read_up_to
 
 logger = logging.getLogger(__name__)
 
@@ -48,21 +49,13 @@ def upload(
         if size is not None and size > threshold:
             head = b""  # known to be large: stream it in parts, never buffer the threshold
         else:
-            head = _read_up_to(stream, threshold + 1)
+            head = read_up_to(stream, threshold + 1)
             if len(head) <= threshold:
                 return _put(obj, head, if_absent, progress)
         chunksize = max(settings.multipart_chunksize, -(-(size or 0) // MAX_PARTS))
         return _multipart(obj, _chunks(head, stream, chunksize), if_absent, settings, progress)
     finally:
         progress.close()
-
-
-def _read_up_to(stream: BinaryIO, n: int) -> bytes:
-    pieces = []
-    while n > 0 and (piece := stream.read(n)):
-        pieces.append(piece)
-        n -= len(piece)
-    return b"".join(pieces)
 
 
 def _chunks(head: bytes, stream: BinaryIO, chunksize: int) -> Iterator[bytes]:
@@ -73,7 +66,7 @@ def _chunks(head: bytes, stream: BinaryIO, chunksize: int) -> Iterator[bytes]:
         offset += chunksize
     rest = head[offset:]
     while True:
-        part = rest + _read_up_to(stream, chunksize - len(rest))
+        part = rest + read_up_to(stream, chunksize - len(rest))
         rest = b""
         if part:
             yield part

@@ -65,3 +65,13 @@ class ChunkReader(io.RawIOBase):
     def buffered(self) -> BinaryIO:
         """This raw stream behind a buffer, which is what callers get from ``Store.open_read``."""
         return cast(BinaryIO, io.BufferedReader(self, buffer_size=READ_BUFFER))
+
+
+def read_up_to(stream: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes of ``stream``, fewer only at its end: a raw stream may return fewer per
+    read than asked, so one ``read`` is not enough to know an object's bytes ran out."""
+    pieces = []
+    while size > 0 and (piece := stream.read(size)):
+        pieces.append(piece)
+        size -= len(piece)
+    return b"".join(pieces)
