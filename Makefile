@@ -30,6 +30,7 @@ $(STAMP_OLD): pyproject.toml Makefile
 
 test: $(STAMP) $(STAMP_OLD)
 	$(PY) -m ruff check bundler tests benchmarks examples
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-triton-old
 
@@ -42,6 +43,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check bundler tests benchmarks examples
+	$(VENV)/bin/lint-imports
 	$(PY) -m ruff format --check bundler tests benchmarks examples
 
 # Benchmarks time whole `bundler` commands, so they run from a regular (non-editable) install, as

@@ -60,7 +60,7 @@ def bench(label: str, src: Path, repeat: int) -> list[str]:
                                               check=True, stdout=subprocess.DEVNULL), fresh_dest, repeat)
     unpack_theirs = timed(lambda: shell(f"zstd -q -dc {theirs_file} | tar -C {dest} -xf -"), fresh_dest, repeat)
     # The library path (begin_compile inside a running job) pays no interpreter start or imports.
-    from bundler import archive
+    from bundler.bundle import archive
 
     pack_lib = timed(lambda: _pack_in_process(archive, src), repeat=repeat)
     unpack_lib = timed(lambda: _unpack_in_process(archive, ours_file, dest), fresh_dest, repeat)

@@ -15,7 +15,7 @@ import random
 import tarfile
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 _OPS = ["add", "mul", "fma", "ld.global", "st.global", "mov", "cvt", "setp", "bra", "shl", "and", "or"]
 _TYPES = ["f16", "f32", "b32", "u64", "s32", "pred"]
@@ -72,7 +72,7 @@ def make_corpus(root: Path, *, kernels: int = 630, mean_kb: int = 50, seed: int 
 
 
 def extract_fixture(name: str, root: Path) -> Path:
-    """Unpack one of the real H200 caches in ../shared/fixtures (data only, never executed)."""
+    """Unpack one of the real H200 caches in tests/fixtures (data only, never executed)."""
     root.mkdir(parents=True, exist_ok=True)
     with tarfile.open(FIXTURES / name) as tar:
         tar.extractall(root, filter="data")

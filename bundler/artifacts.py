@@ -15,9 +15,10 @@ from __future__ import annotations
 import io
 import logging
 
-from bundler import archive, recording
+from bundler import keys, recording
+from bundler.bundle import archive
+from bundler.bundle.manifest import Manifest
 from bundler.config import Settings
-from bundler.manifest import Manifest
 from bundler.relocate import GroupFileRewriter
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def save_artifacts(*, settings: Settings | None = None) -> bytes:
     settings = settings if settings is not None else Settings.from_env()
     entries = recording.still_existing(recording.process_entries())
     out = io.BytesIO()
-    result = archive.pack(entries, out, settings=settings)
+    result = archive.pack(entries, out, settings=settings, producer=keys.producer_facts())
     log.info("saved %d cache artifacts (%d bytes, bundle %s)", len(entries), result.compressed_size,
              result.digest[:12])
     return out.getvalue()

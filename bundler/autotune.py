@@ -15,7 +15,7 @@ writes the winner. Differences, and why:
 * Config kwargs are stored under their own ``"kwargs"`` key, so a kernel parameter called
   ``num_warps`` cannot be confused with the launch option.
 * The remote side is best effort: a store error is one logged warning and a miss, and it trips
-  the remote's read or write breaker (``bundler.stores.shared``), so a dead endpoint costs one
+  the remote's read or write breaker (``bundler.remote.health``), so a dead endpoint costs one
   timeout, not one per kernel, and a denied write does not stop reads.
 * With ``BUNDLER_SIGNING_KEY`` set, records are signed when saved (the signature covers the record
   and its key, so it cannot be copied to another kernel) and a remote record without a valid
@@ -43,11 +43,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bundler import keys, recording, signing
+from bundler import keys, recording
 from bundler.config import Settings
 from bundler.errors import ConfigError, NotFoundError
 from bundler.fileio import write_atomically
-from bundler.stores import layout, shared
+from bundler.remote import health as shared
+from bundler.remote import layout, signing
 from bundler.stores.streams import read_up_to
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,8 @@
 
 Exit codes are a contract scripts rely on: 0 success, 2 usage error, 3 not found, 4 integrity or
 safety rejection, 5 storage unreachable or denied, 1 anything else. Each command imports what it
-needs when it runs, so ``bundler unpack`` never pays for boto3's import.
+needs when it runs, so ``bundler unpack`` never imports the store layer, let alone botocore (a test
+checks the imported modules).
 """
 
 from __future__ import annotations
@@ -85,10 +86,11 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from bundler import archive
+    from bundler.bundle import archive
+    from bundler.keys import producer_facts
 
     with atomic_output(args.output) as out:
-        result = archive.pack(Path(args.dir), out, settings=_settings(args))
+        result = archive.pack(Path(args.dir), out, settings=_settings(args), producer=producer_facts())
     _print_digest(result.digest, args.output)
     log.info("packed %d files (%d bytes) into %s (%d bytes)", len(result.manifest.files),
              result.manifest.total_size, args.output, result.compressed_size)
@@ -96,7 +98,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
-    from bundler import archive
+    from bundler.bundle import archive
 
     with _open_input(args.file) as f:
         man = archive.unpack(
@@ -108,7 +110,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from bundler import archive
+    from bundler.bundle import archive
 
     with _open_input(args.file) as f:
         man = archive.verify(f, expected_digest=args.digest, settings=_settings(args))
@@ -117,7 +119,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from bundler import archive
+    from bundler.bundle import archive
 
     with _open_input(args.file) as f:
         man = archive.read_manifest(f, settings=_settings(args))
@@ -138,11 +140,113 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- commands that talk to a store ---------------------------------------------------------------
+
+
+def _store(args: argparse.Namespace):
+    from bundler.stores import open_store
+
+    settings = _settings(args)
+    return open_store(args.remote, settings), settings
+
+
+def _progress(args: argparse.Namespace, description: str):
+    from bundler.progress import for_transfer
+
+    return for_transfer(description, quiet=args.quiet)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from bundler.remote import transfer
+
+    store, settings = _store(args)
+    with store:
+        result = transfer.push(store, Path(args.dir), ref=args.ref, settings=settings, progress=_progress(args, "push"))
+    print(result.digest)
+    return EXIT_OK
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from bundler.remote import transfer
+
+    store, settings = _store(args)
+    with store:
+        result = transfer.pull(
+            store, Path(args.into), digest=args.digest, ref=args.ref, settings=settings,
+            rewrite=relocator(args), progress=_progress(args, "pull"),
+        )
+    print(result.digest)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bundler.remote import transfer
+
+    store, settings = _store(args)
+    with store, atomic_output(args.output) as out:
+        man = transfer.export(
+            store, out, digest=args.digest, ref=args.ref, settings=settings, progress=_progress(args, "export")
+        )
+    _print_digest(man.digest, args.output)
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from bundler.errors import NotFoundError
+    from bundler.remote import transfer
+
+    store, settings = _store(args)
+    if not Path(args.file).is_file():
+        raise NotFoundError(f"bundle file {args.file} does not exist")
+    with store:
+        result = transfer.import_file(
+            store, args.file, ref=args.ref, settings=settings, progress=_progress(args, "import")
+        )
+    print(result.digest)
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from bundler.errors import NotFoundError
+    from bundler.remote import refs, transfer
+    from bundler.stores import LocalStore
+
+    store, settings = _store(args)
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        # Like S3's NoSuchBucket: a typo in the path must not look like an empty store.
+        raise NotFoundError(f"store folder {store.root} does not exist; check --remote / BUNDLER_REMOTE")
+    with store:
+        listing = transfer.list_remote(store)
+        ref_docs = []
+        for name, info in listing.refs:
+            try:
+                ref = refs.read_ref(store, name, settings)
+                target = {"digest": ref.digest, "bundle_size": ref.size}
+            except Exception as exc:  # a bad ref is shown as such, not fatal to the listing
+                target = {"error": str(exc)}
+            ref_docs.append({"name": name, "modified": _date(info), **target})
+    bundles = [{"digest": d, "size": i.size, "modified": _date(i)} for d, i in listing.bundles]
+    if args.json:
+        print(json.dumps({"refs": ref_docs, "bundles": bundles}, indent=2))
+        return EXIT_OK
+    print(f"refs ({len(ref_docs)}):")
+    for doc in ref_docs:
+        print(f"  {doc['name']:<40} -> {doc.get('digest', doc.get('error'))}  {doc['modified']}")
+    print(f"bundles ({len(bundles)}):")
+    for doc in bundles:
+        print(f"  {doc['digest']}  {doc['size']:>12}  {doc['modified']}")
+    return EXIT_OK
+
+
+def _date(info) -> str | None:
+    return info.modified.isoformat(timespec="seconds") if info.modified else None
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
 def _digest(value: str) -> str:
-    from bundler.manifest import check_digest
+    from bundler.bundle.manifest import check_digest
 
     try:
         return check_digest(value.lower())
@@ -216,7 +320,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     p.add_argument("--files", action="store_true", help="list every file")
 
-    _add_remote_commands(command)
+    def remote(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--remote",
+            help="store URL: s3://bucket/prefix[?endpoint=URL&addressing=path] or file:///path "
+            "(default: $BUNDLER_REMOTE)",
+        )
+
+    def target(p: argparse.ArgumentParser) -> None:
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument("digest", nargs="?", type=_digest, help="bundle digest (64 hex characters)")
+        group.add_argument("--ref", help="ref name pointing at the bundle")
+
+    p = command("push", cmd_push, "pack a directory and upload it; prints the digest")
+    p.add_argument("dir", help="directory to pack")
+    p.add_argument("--ref", help="point this ref name at the bundle")
+    remote(p)
+
+    p = command("pull", cmd_pull, "download, verify and unpack a bundle into a directory")
+    target(p)
+    p.add_argument("--into", required=True, help="destination directory")
+    add_raw_flag(p)
+    remote(p)
+
+    p = command("export", cmd_export, "save a bundle from the store to a file, for offline transfer")
+    target(p)
+    p.add_argument("-o", "--output", required=True, help="file to write ('-' for stdout)")
+    remote(p)
+
+    p = command("import", cmd_import, "verify a bundle file and upload it to the store")
+    p.add_argument("file", help="bundle file")
+    p.add_argument("--ref", help="point this ref name at the bundle")
+    remote(p)
+
+    p = command("ls", cmd_ls, "list refs and bundles in the store")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    remote(p)
     return parser
 
 
@@ -231,13 +370,6 @@ def add_raw_flag(p: argparse.ArgumentParser) -> None:
         "--raw", action="store_true",
         help="write files exactly as bundled (by default Triton __grp__*.json paths are relocated)",
     )
-
-
-def _add_remote_commands(command) -> None:
-    """Commands that talk to a store live in cli_remote so local commands never import it."""
-    from bundler import cli_remote
-
-    cli_remote.add_commands(command)
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:

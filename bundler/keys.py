@@ -27,11 +27,11 @@ import sys
 import tokenize
 from collections.abc import Callable
 
-from bundler.manifest import FORMAT_VERSION
+from bundler.bundle.manifest import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-#: Version of the bundle format, defined once in ``bundler.manifest``; part of every compile key
+#: Version of the bundle format, defined once in ``bundler.bundle.manifest``; part of every compile key
 #: so a format change never reads an old bundle.
 BUNDLE_FORMAT_VERSION = FORMAT_VERSION
 
@@ -222,3 +222,22 @@ def compile_key(*, code: str | None = None, code_hash: str | None = None, tag: s
         raise TypeError("compile_key() takes exactly one of code= or code_hash=")
     digest = _hash_source(code) if code is not None else code_hash
     return hash_parts("compile-key-v1", str(digest), salt if salt is not None else version_salt(tag))
+
+
+def producer_facts() -> dict[str, str]:
+    """Facts about the packing environment for a bundle's manifest (and so its digest).
+
+    The bundle layer takes them as an argument instead of asking: it knows bytes and files, not
+    which compiler produced them.
+    """
+    from bundler import __version__
+
+    facts = {
+        "bundler": __version__,
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "platform": f"{platform.system().lower()}-{platform.machine()}",
+    }
+    triton = triton_version()
+    if triton is not None:
+        facts["triton"] = triton
+    return facts

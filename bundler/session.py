@@ -24,7 +24,7 @@ Life of a session::
    every cache entry recorded meanwhile (autotune records saved or hit, Triton kernel files made
    or found) is collected. ``end`` packs them into one bundle and pushes it with the ref.
    A store error (not a corrupt bundle) trips the remote's shared read or write breaker
-   (``bundler.stores.shared``): its warning is the only one, and later sessions and per-kernel
+   (``bundler.remote.health``): its warning is the only one, and later sessions and per-kernel
    lookups skip the dead store instead of each paying a timeout.
 
 Switches (``Settings``): ``bundles`` turns sessions on (they need ``local_cache``, which the
@@ -120,7 +120,7 @@ class CompileSession:
 
     def _store_handle(self) -> Any:
         if self._store is None:
-            from bundler.stores.shared import shared_store
+            from bundler.remote.health import shared_store
 
             self._store = shared_store(self.settings)
         return self._store
@@ -146,17 +146,18 @@ class CompileSession:
     def _remote_usable(self, action: str) -> bool:
         """Whether the shared breaker for ``action`` lets requests through to ``settings.remote``.
 
-        Sessions share the per-kernel cache's view of the remote's health (``stores.shared``): a
+        Sessions share the per-kernel cache's view of the remote's health (``remote.health``): a
         store that failed one of them is skipped by all. A session given its own store and no
         ``settings.remote`` has no breaker.
         """
-        from bundler.stores import shared
+        from bundler.remote import health as shared
 
         return not self.settings.remote or shared.remote_usable(self.settings, action)
 
     def _remote_failed(self, action: str, key: str, exc: BaseException) -> None:
         """Trip the shared breaker for ``action`` (its warning is the only one this failure gets)."""
-        from bundler.stores import layout, shared
+        from bundler.remote import health as shared
+        from bundler.remote import layout
 
         if self.settings.remote:
             shared.remote_failed(self.settings, action, layout.ref_key(key), exc)
@@ -166,8 +167,8 @@ class CompileSession:
 
     def _fetch(self) -> None:
         """Pull into the local caches; any failure means "miss"."""
-        from bundler import transfer
         from bundler.relocate import GroupFileRewriter
+        from bundler.remote import transfer
 
         if not self._remote_usable("read"):
             log.info("compile %s: reads from %s failed earlier in this process; compiling without a bundle",
@@ -284,7 +285,7 @@ class CompileSession:
         return self.pushed
 
     def _push(self, entries: dict[str, recording.Source]) -> Any:
-        from bundler import transfer
+        from bundler.remote import transfer
 
         extra = {"compile_key": self.key, "entries": len(entries), "time_taken_ns": _entries_time_ns(entries)}
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import zstandard
 
-from bundler.manifest import FORMAT_VERSION, MANIFEST_NAME
+from bundler.bundle.manifest import FORMAT_VERSION, MANIFEST_NAME
 
 
 def manifest_bytes(files: Mapping[str, bytes], producer: Mapping[str, str] | None = None) -> bytes:

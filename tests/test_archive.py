@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bundler import archive
+from bundler.bundle import archive
+from bundler.bundle.manifest import MANIFEST_NAME
 from bundler.config import Settings
 from bundler.errors import UnsafeMemberError
-from bundler.manifest import MANIFEST_NAME
 
 from bundles import snapshot, write_tree
 
@@ -77,7 +77,7 @@ def test_same_bytes_in_another_process_with_other_thread_count(tmp_path):
     write_tree(tmp_path / "src", {f"d{i}/file{i}.llir": (b"line %d\n" % i) * 5000 for i in range(30)})
     here, result = pack_bytes(tmp_path / "src", settings=Settings(zstd_threads=2))
     code = (
-        "import sys, io; from pathlib import Path; from bundler import archive; from bundler.config import Settings;"
+        "import sys, io; from pathlib import Path; from bundler.bundle import archive; from bundler.config import Settings;"
         "out = io.BytesIO(); archive.pack(Path(sys.argv[1]), out, settings=Settings(zstd_threads=1));"
         "sys.stdout.buffer.write(out.getvalue())"
     )
@@ -219,7 +219,7 @@ def test_file_and_folder_conflict_is_refused_at_pack(tmp_path):
 
 
 def test_stale_staging_left_by_a_killed_process_is_swept(tmp_path):
-    from bundler import placement
+    from bundler.bundle import placement
 
     stale = tmp_path / f"{placement.STAGING_PREFIX}dead"
     fresh = tmp_path / f"{placement.STAGING_PREFIX}busy"
@@ -250,7 +250,7 @@ def test_new_folders_move_whole_and_existing_ones_merge(tmp_path):
 def _make_after_planning(monkeypatch, make) -> None:
     """Run ``make`` between the moment unpack decides a folder is absent and its rename:
     the window in which another process can create it."""
-    from bundler import placement
+    from bundler.bundle import placement
 
     plan = placement.Placement._plan
 
@@ -301,7 +301,7 @@ def test_refusal_after_a_lost_race_takes_back_folders_already_moved(tmp_path, mo
 
 def test_a_long_unpack_keeps_its_staging_folder_from_being_swept(tmp_path, monkeypatch):
     """Another unpack removes staging folders untouched for an hour; a live one must not look so."""
-    from bundler import placement
+    from bundler.bundle import placement
 
     monkeypatch.setattr(placement, "_KEEP_ALIVE_SECONDS", 0)
     live = placement.Placement(tmp_path)

@@ -10,8 +10,9 @@ import pytest
 import triton
 
 import bundler
-from bundler import archive, recording, relocate
+from bundler import recording, relocate
 from bundler.autotune import AutotuneCache, configs_hash
+from bundler.bundle import archive
 from bundler.errors import BundleError
 
 from _helpers_triton import GROUP_KEY, fake_kernel, node_settings

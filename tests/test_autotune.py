@@ -17,7 +17,9 @@ from bundler import autotune, keys
 from bundler.autotune import AutotuneCache, configs_hash
 from bundler.config import Settings
 from bundler.errors import AccessDeniedError, StoreUnreachableError
-from bundler.stores import layout, open_store, shared
+from bundler.remote import health as shared
+from bundler.remote import layout
+from bundler.stores import open_store
 
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((16, 4), (32, 4), (32, 8))]
 META = {"kernel": "tests.add", "tuning_key": [100, "torch.float32"]}

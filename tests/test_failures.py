@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bundler import archive
+from bundler.bundle import archive
 from bundler.config import Settings
 from bundler.errors import BundleError, LocalCacheError
 
@@ -48,7 +48,8 @@ def test_disk_full_while_unpacking_keeps_the_cache_as_it_was(tmp_path, monkeypat
 
 def test_disk_full_while_unpacking_is_a_miss_not_a_crash_for_a_session(tmp_path, monkeypatch):
     """The failure policy: a compile session treats a full disk as a cache miss."""
-    from bundler import session, transfer
+    from bundler import session
+    from bundler.remote import transfer
     from bundler.stores import open_store
 
     store_url = (tmp_path / "store").as_uri()
@@ -129,9 +130,9 @@ def test_unusable_time_budgets_are_refused_by_name(value):
 
 
 def test_oversized_ref_is_refused_without_reading_it_whole(tmp_path):
-    from bundler import refs
     from bundler.errors import LimitExceededError
-    from bundler.stores import layout, open_store
+    from bundler.remote import layout, refs
+    from bundler.stores import open_store
 
     store = open_store((tmp_path / "store").as_uri())
     store.write_bytes(layout.ref_key("huge"), b" " * (2 << 20))
@@ -150,7 +151,7 @@ def test_failed_unpack_into_a_deep_new_folder_leaves_no_folder(tmp_path):
 
 
 def test_empty_file_left_by_a_power_loss_sends_the_next_pull_to_the_store(tmp_path):
-    from bundler import transfer
+    from bundler.remote import transfer
     from bundler.stores import open_store
 
     store = open_store((tmp_path / "store").as_uri())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bundler import archive
+from bundler.bundle import archive
 from bundler.config import Settings
 from bundler.errors import (
     BundleError,
@@ -103,7 +103,7 @@ def test_size_mismatch_is_rejected(area):
 @pytest.fixture(params=["caller", "reader thread"])
 def hashed_by(request, monkeypatch) -> str:
     """Who hashes a member depends on load (bundle_reader.Prefetch); force each side in turn."""
-    from bundler import bundle_reader
+    from bundler.bundle import prefetch as bundle_reader
 
     monkeypatch.setattr(bundle_reader, "_CALLER_BEHIND", 1 << 30 if request.param == "caller" else 0)
     return request.param

@@ -1,4 +1,4 @@
-"""The real H200 caches in ../shared/fixtures: bundled with the CLI, unpacked at another path,
+"""The real H200 caches in tests/fixtures (copied from the team's shared fixtures, 1.7 MB): bundled with the CLI, unpacked at another path,
 and found by Triton's own cache manager, as a user's CI prebake and a training node would.
 
 The fixtures are data: nothing from them is imported or unpickled.
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
 def real_triton_cache(tmp_path_factory) -> Path:
     archive = FIXTURES / "triton_autotune_caches.tar.gz"
-    assert archive.exists(), f"{archive} is missing: CI lays shared/ beside the repo; copy it there"
+    assert archive.exists(), f"{archive} is missing from the checkout"
     root = tmp_path_factory.mktemp("fixture")
     with tarfile.open(archive) as tar:
         tar.extractall(root, filter="data")

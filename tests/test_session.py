@@ -21,7 +21,9 @@ from bundler import keys, recording
 from bundler import session as session_mod
 from bundler.config import Settings
 from bundler.errors import StoreUnreachableError
-from bundler.stores import layout, open_store, shared
+from bundler.remote import health as shared
+from bundler.remote import layout
+from bundler.stores import open_store
 from bundler.stores.base import Store
 
 from _helpers_triton import GROUP_KEY, autotune_record, fake_gpu_driver, fake_kernel, node_settings
@@ -69,7 +71,7 @@ def test_miss_pushes_a_bundle_and_a_fresh_node_gets_everything_back(tmp_path: Pa
 
 
 def test_bundled_group_files_hold_no_absolute_paths(tmp_path: Path, local_store_url: str) -> None:
-    from bundler import archive
+    from bundler.bundle import archive
 
     pushed = produce(tmp_path, local_store_url).pushed
     with open_store(local_store_url).open_read(layout.bundle_key(pushed.digest)) as stream:

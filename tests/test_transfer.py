@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from bundler import refs, transfer
 from bundler.config import Settings
 from bundler.errors import (
     BundleError,
@@ -19,7 +18,8 @@ from bundler.errors import (
     SignatureError,
     StoreError,
 )
-from bundler.stores import layout, open_store
+from bundler.remote import layout, refs, transfer
+from bundler.stores import open_store
 
 from bundles import honest, snapshot, write_tree
 from fault_proxy import Fault, FaultProxy

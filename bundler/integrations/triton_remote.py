@@ -16,7 +16,7 @@ name to a valid store key (an exception here would fail Triton's compile), so a 
 plain file name, or is over 200 characters, is stored under ``sha256-<hash of the name>``.
 
 Failure policy: a store error is one warning, after which that kind of request (read or write)
-is skipped (the circuit breakers of ``bundler.stores.shared``, shared with the per-kernel
+is skipped (the circuit breakers of ``bundler.remote.health``, shared with the per-kernel
 autotune cache), so Triton compiles as if the remote were empty.
 
 Signing: these objects are compiled GPU code, stored one file at a time with no signature, so they
@@ -34,8 +34,8 @@ from triton.runtime.cache import RemoteCacheBackend
 
 from bundler.config import Settings
 from bundler.errors import ConfigError, NotFoundError
-from bundler.stores import layout
-from bundler.stores.shared import remote_failed, remote_usable, shared_store
+from bundler.remote import layout
+from bundler.remote.health import remote_failed, remote_usable, shared_store
 
 log = logging.getLogger(__name__)
 

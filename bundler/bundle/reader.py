@@ -5,24 +5,19 @@ its end) that enforces the format's rules: manifest first and canonical, members
 order with the promised sizes, nothing but regular files, nothing after the end but a little zero
 padding. It does not hash or write member bytes; its consumer does.
 
-:class:`Prefetch` runs it in a worker thread. zstd releases the GIL, so two cores share the work:
-the worker decompresses and parses, the caller hashes and writes, and with ``share_hashing`` the
-worker also hashes members whenever the caller falls behind. Events cross the thread boundary in
-batches of about a megabyte, so a cache of thousands of small files does not pay a queue hand-off
-per file.
+:mod:`bundler.bundle.prefetch` runs it in a worker thread.
 """
 
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
 import zstandard
 
-from bundler import manifest, tarformat
+from bundler.bundle import manifest, tarformat
+from bundler.bundle.manifest import MANIFEST_NAME, FileRecord, Manifest
 from bundler.config import Settings
 from bundler.errors import (
     IntegrityError,
@@ -31,10 +26,9 @@ from bundler.errors import (
     NotABundleError,
     UnsafeMemberError,
 )
-from bundler.manifest import MANIFEST_NAME, FileRecord, Manifest
 
 #: Event kinds: (MANIFEST, Manifest), (BEGIN, FileRecord), (DATA, memoryview), (END, FileRecord).
-#: :class:`Prefetch` may turn a BEGIN into CHECKED_BEGIN: it hashes that member itself, and raises
+#: :class:`~bundler.bundle.prefetch.Prefetch` may turn a BEGIN into CHECKED_BEGIN: it hashes that member itself, and raises
 #: in its place before the member's END if the bytes do not match, so the consumer need not.
 MANIFEST, BEGIN, DATA, END, CHECKED_BEGIN = range(5)
 
@@ -196,100 +190,6 @@ def events(stream: BinaryIO, settings: Settings, expected_digest: str | None = N
     src.read(tarformat.BLOCK)  # the second end-of-archive block
     if not src.rest_is_zero(_MAX_TRAILING_ZEROS):
         raise NotABundleError("the bundle has data after the end of the tar archive")
-
-
-_DONE = object()
-_BATCH_BYTES = 1 << 20
-_BATCH_EVENTS = 512
-
-
-class Prefetch:
-    """Iterates ``source`` in a worker thread; the caller gets the same items, in order.
-
-    An exception in the worker reaches the caller after every item produced before it, so the
-    caller's view is exactly that of iterating ``source`` itself. Memory is bounded by the queue
-    depth times the batch size. ``close`` stops the worker early (the caller gave up).
-
-    With ``share_hashing``, the worker balances the load: when the caller falls behind (batches
-    pile up in the queue), the worker hashes the next member itself and hands it over as
-    CHECKED_BEGIN. Decompressing is cheaper than hashing plus writing, so on two cores a fixed
-    split leaves one of them idle; this one adapts to whichever side is slower on the machine.
-    """
-
-    def __init__(self, source: Iterator[tuple[int, object]], depth: int = 8, share_hashing: bool = False) -> None:
-        self._source = _worker_hashes(source, self) if share_hashing else source
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, name="bundler-read", daemon=True)
-        self._thread.start()
-
-    def _produce(self) -> None:
-        batch: list[tuple[int, object]] = []
-        size = 0
-        try:
-            for event in self._source:
-                batch.append(event)
-                if event[0] == DATA:
-                    size += len(event[1])  # type: ignore[arg-type]
-                if size >= _BATCH_BYTES or len(batch) >= _BATCH_EVENTS:
-                    if not self._put(batch):
-                        return
-                    batch, size = [], 0
-            self._put(batch) and self._put(_DONE)
-        except BaseException as exc:  # handed over, and raised in the caller's thread
-            self._put(batch) and self._put(exc)
-        finally:
-            self._source.close()  # type: ignore[attr-defined]
-
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[tuple[int, object]]:
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield from item  # type: ignore[misc]
-
-    def backlog(self) -> int:
-        """Batches produced and not yet taken by the caller."""
-        return self._queue.qsize()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-def _worker_hashes(source: Iterator[tuple[int, object]], prefetch: Prefetch) -> Iterator[tuple[int, object]]:
-    """``source``, hashing and checking the members that start while the caller is behind."""
-    hasher = None
-    try:
-        for kind, value in source:
-            if kind == DATA:
-                if hasher is not None:
-                    hasher.update(value)  # type: ignore[arg-type]
-            elif kind == BEGIN:
-                if prefetch.backlog() >= _CALLER_BEHIND:
-                    hasher = hashlib.sha256()
-                    kind = CHECKED_BEGIN
-            elif kind == END and hasher is not None:
-                check_hash(value, hasher)  # type: ignore[arg-type]
-                hasher = None
-            yield kind, value
-    finally:
-        source.close()  # type: ignore[attr-defined]
-
-
-#: Batches waiting in the queue at which the caller counts as behind.
-_CALLER_BEHIND = 2
 
 
 def check_hash(record: FileRecord, digest: hashlib._Hash) -> None:

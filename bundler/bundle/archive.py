@@ -5,8 +5,8 @@ lists every file's path, size and sha256; the bundle's digest is the sha256 of t
 reader that asked for a digest can check the manifest, and through it every byte, while the bytes
 stream past: no seeking, no temp copy of the archive, nothing visible until all of it verified.
 
-Writing lives in :mod:`bundler.bundle_writer`, the format's rules in
-:mod:`bundler.bundle_reader`, putting files in place in :mod:`bundler.placement`; this module
+Writing lives in :mod:`bundler.bundle.writer`, the format's rules in
+:mod:`bundler.bundle.reader`, putting files in place in :mod:`bundler.bundle.placement`; this module
 connects them. Speed notes and numbers: benchmarks/README.md.
 """
 
@@ -18,24 +18,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from bundler import bundle_reader, manifest
-from bundler.bundle_reader import BEGIN, CHECKED_BEGIN, DATA, END, MANIFEST, check_hash
+from bundler.bundle import manifest
+from bundler.bundle import reader as bundle_reader
+from bundler.bundle.manifest import FileRecord, Manifest
+from bundler.bundle.placement import Destination, Placement, local_error
+from bundler.bundle.prefetch import Prefetch
+from bundler.bundle.reader import BEGIN, CHECKED_BEGIN, DATA, END, MANIFEST, check_hash
 from bundler.config import Settings
 from bundler.errors import LimitExceededError
-from bundler.manifest import FileRecord, Manifest
-from bundler.placement import Destination, Placement, local_error
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bundler.bundle_writer import PackResult, Source, compressor, default_producer, pack, packed
+    from bundler.bundle.writer import PackResult, Source, compressor, pack, packed
 
 #: The writing half, imported when first used: ``bundler unpack`` and ``begin_compile`` never pack.
-_WRITER_NAMES = frozenset({"PackResult", "Source", "compressor", "default_producer", "pack", "packed"})
+_WRITER_NAMES = frozenset({"PackResult", "Source", "compressor", "pack", "packed"})
 
 
 def __getattr__(name: str) -> object:
     if name not in _WRITER_NAMES:
-        raise AttributeError(f"module 'bundler.archive' has no attribute {name!r}")
-    from bundler import bundle_writer
+        raise AttributeError(f"module 'bundler.bundle.archive' has no attribute {name!r}")
+    from bundler.bundle import writer as bundle_writer
 
     value = getattr(bundle_writer, name)
     globals()[name] = value
@@ -43,7 +45,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
-    "PackResult", "Rewriter", "Source", "compressor", "default_producer", "iter_files", "pack", "packed",
+    "PackResult", "Rewriter", "Source", "compressor", "iter_files", "pack", "packed",
     "read_manifest", "unpack", "verify",
 ]
 
@@ -145,7 +147,7 @@ class _Extractor(_Hasher):
 def _consume(stream: BinaryIO, settings: Settings, expected_digest: str | None, sink: _Hasher) -> Manifest:
     if expected_digest is not None:
         manifest.check_digest(expected_digest)
-    events = bundle_reader.Prefetch(bundle_reader.events(stream, settings, expected_digest), share_hashing=True)
+    events = Prefetch(bundle_reader.events(stream, settings, expected_digest), share_hashing=True)
     man = None
     try:
         for kind, value in events:

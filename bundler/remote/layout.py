@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
+from bundler.bundle.manifest import check_digest
 from bundler.errors import ConfigError
-from bundler.manifest import check_digest
 
 __all__ = ["check_digest", "check_name", "bundle_key", "ref_key", "autotune_key"]
 

@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,11 +21,11 @@ from typing import BinaryIO
 
 import zstandard
 
-from bundler import __version__, manifest, tarformat
+from bundler.bundle import manifest, tarformat
+from bundler.bundle.manifest import MANIFEST_NAME, FileRecord, Manifest
+from bundler.bundle.placement import STAGING_PREFIX
 from bundler.config import Settings
 from bundler.errors import BundlerError, NotFoundError, UnsafeMemberError
-from bundler.manifest import MANIFEST_NAME, FileRecord, Manifest
-from bundler.placement import STAGING_PREFIX
 
 Source = Path | str | Mapping[str, Path | str | bytes]
 
@@ -47,23 +46,6 @@ class PackResult:
     digest: str
     manifest: Manifest
     compressed_size: int
-
-
-def default_producer() -> dict[str, str]:
-    """Facts about the packing environment; they are part of the manifest and so of the digest."""
-    import platform
-
-    from bundler.keys import triton_version
-
-    facts = {
-        "bundler": __version__,
-        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-        "platform": f"{platform.system().lower()}-{platform.machine()}",
-    }
-    triton = triton_version()
-    if triton is not None:
-        facts["triton"] = triton
-    return facts
 
 
 def _collect(source: Source) -> list[tuple[str, str | bytes]]:
@@ -254,7 +236,7 @@ def packed(
         writer = compressor(settings).stream_writer(body, closefd=False)
         records = _write_members(items, writer)
         writer.close()
-        man = manifest.build(records, default_producer() if producer is None else producer)
+        man = manifest.build(records, producer or {})
         encoded = man.encode()
         head = compressor(settings).compress(
             tarformat.file_header(MANIFEST_NAME, len(encoded)) + encoded + bytes(tarformat.padding(len(encoded)))

@@ -17,16 +17,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from bundler import archive, refs
-from bundler import manifest as manifest_format
+from bundler import keys
+from bundler.bundle import archive
+from bundler.bundle import manifest as manifest_format
+from bundler.bundle.manifest import Manifest
+from bundler.bundle.placement import Destination, Placement
 from bundler.config import Settings
 from bundler.errors import BundleError, ConfigError
 from bundler.fileio import write_atomically
-from bundler.manifest import Manifest
-from bundler.placement import Destination, Placement
 from bundler.progress import NULL_PROGRESS, Progress
-from bundler.refs import Ref, read_ref
-from bundler.stores import layout
+from bundler.remote import layout, refs
+from bundler.remote.refs import Ref, read_ref
 from bundler.stores.base import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ def push(
     settings = settings or Settings.from_env()
     if ref is not None:
         layout.check_name(ref)
+    if producer is None:
+        producer = keys.producer_facts()
     with archive.packed(source, settings=settings, producer=producer) as (packed, stream):
         uploaded = upload(store, stream, packed.digest, packed.compressed_size, progress=progress)
     written = None

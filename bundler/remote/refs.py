@@ -18,8 +18,8 @@ from typing import Any
 
 from bundler.config import Settings
 from bundler.errors import BundleError, SignatureError
-from bundler.signing import sign as _sign
-from bundler.stores import layout
+from bundler.remote import layout
+from bundler.remote.signing import sign as _sign
 from bundler.stores.base import Store
 
 

@@ -1,0 +1,109 @@
+"""Running the bundle reader in a worker thread, so two cores share an unpack.
+
+zstd releases the GIL, so the worker decompresses and parses while the caller hashes and writes;
+with ``share_hashing`` the worker also hashes members whenever the caller falls behind. Events
+cross the thread boundary in batches of about a megabyte, so a cache of thousands of small files
+does not pay a queue hand-off per file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Iterator
+
+from bundler.bundle.reader import BEGIN, CHECKED_BEGIN, DATA, END, check_hash
+
+_DONE = object()
+_BATCH_BYTES = 1 << 20
+_BATCH_EVENTS = 512
+
+
+class Prefetch:
+    """Iterates ``source`` in a worker thread; the caller gets the same items, in order.
+
+    An exception in the worker reaches the caller after every item produced before it, so the
+    caller's view is exactly that of iterating ``source`` itself. Memory is bounded by the queue
+    depth times the batch size. ``close`` stops the worker early (the caller gave up).
+
+    With ``share_hashing``, the worker balances the load: when the caller falls behind (batches
+    pile up in the queue), the worker hashes the next member itself and hands it over as
+    CHECKED_BEGIN. Decompressing is cheaper than hashing plus writing, so on two cores a fixed
+    split leaves one of them idle; this one adapts to whichever side is slower on the machine.
+    """
+
+    def __init__(self, source: Iterator[tuple[int, object]], depth: int = 8, share_hashing: bool = False) -> None:
+        self._source = _worker_hashes(source, self) if share_hashing else source
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="bundler-read", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        batch: list[tuple[int, object]] = []
+        size = 0
+        try:
+            for event in self._source:
+                batch.append(event)
+                if event[0] == DATA:
+                    size += len(event[1])  # type: ignore[arg-type]
+                if size >= _BATCH_BYTES or len(batch) >= _BATCH_EVENTS:
+                    if not self._put(batch):
+                        return
+                    batch, size = [], 0
+            self._put(batch) and self._put(_DONE)
+        except BaseException as exc:  # handed over, and raised in the caller's thread
+            self._put(batch) and self._put(exc)
+        finally:
+            self._source.close()  # type: ignore[attr-defined]
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[tuple[int, object]]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item  # type: ignore[misc]
+
+    def backlog(self) -> int:
+        """Batches produced and not yet taken by the caller."""
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _worker_hashes(source: Iterator[tuple[int, object]], prefetch: Prefetch) -> Iterator[tuple[int, object]]:
+    """``source``, hashing and checking the members that start while the caller is behind."""
+    hasher = None
+    try:
+        for kind, value in source:
+            if kind == DATA:
+                if hasher is not None:
+                    hasher.update(value)  # type: ignore[arg-type]
+            elif kind == BEGIN:
+                if prefetch.backlog() >= _CALLER_BEHIND:
+                    hasher = hashlib.sha256()
+                    kind = CHECKED_BEGIN
+            elif kind == END and hasher is not None:
+                check_hash(value, hasher)  # type: ignore[arg-type]
+                hasher = None
+            yield kind, value
+    finally:
+        source.close()  # type: ignore[attr-defined]
+
+
+#: Batches waiting in the queue at which the caller counts as behind.
+_CALLER_BEHIND = 2
