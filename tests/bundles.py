@@ -97,3 +97,49 @@ def write_tree(root: Path, files: Mapping[str, bytes]) -> None:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+
+# --- tar headers written byte by byte, for fields no honest writer (tarfile included) produces ----
+
+
+def raw_header(name: str, size_field: bytes, typeflag: bytes = b"0") -> bytes:
+    """One ustar header whose 12-byte size field is exactly ``size_field``, with a valid checksum."""
+    block = bytearray(512)
+    encoded = name.encode()
+    block[0 : len(encoded)] = encoded
+    block[100:108] = b"0000644\0"
+    block[108:116] = b"0000000\0"
+    block[116:124] = b"0000000\0"
+    block[124:136] = size_field.ljust(12, b"\0")[:12]
+    block[136:148] = b"00000000000\0"
+    block[156:157] = typeflag
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512)
+
+
+def raw_member(name: str, data: bytes, size_field: bytes | None = None) -> bytes:
+    """Header and padded data; ``size_field`` overrides what the header claims."""
+    return raw_header(name, size_field if size_field is not None else b"%011o\0" % len(data)) + _padded(data)
+
+
+def raw_pax(records: bytes) -> bytes:
+    """A pax ``x`` header carrying ``records`` verbatim (lengths not checked: that is the point)."""
+    return raw_header("././@PaxHeader", b"%011o\0" % len(records), b"x") + _padded(records)
+
+
+def pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    length = len(body) + len(str(len(body)))
+    length = len(body) + len(str(length))
+    return str(length).encode() + body
+
+
+def raw_bundle(*parts: bytes) -> bytes:
+    """A zstd tar of hand-written parts, closed with the end-of-archive blocks."""
+    return zstd(b"".join(parts) + bytes(1024))

@@ -263,11 +263,12 @@ def test_non_canonical_manifest_is_rejected(area):
     rejects(area, craft([regular("a", b"x")], {}, manifest=boolean)[0], ManifestError, "malformed")
 
 
-def test_manifest_larger_than_the_member_limit_allows_is_refused_unread(area):
+def test_manifest_larger_than_the_manifest_limit_is_refused_unread(area):
     members = [regular(n, d) for n, d in sorted(GOOD.items())]
     bloated = manifest_bytes(GOOD, producer={"padding": "x" * (2 << 20)})
     data, _ = craft(members, GOOD, manifest=bloated)
-    rejects(area, data, LimitExceededError, "MANIFEST.json is .* bytes", settings=Settings(max_members=10))
+    rejects(area, data, LimitExceededError, "MANIFEST.json is .* bytes.*BUNDLER_MAX_MANIFEST_BYTES",
+            settings=Settings(max_manifest_bytes=1 << 20))
 
 
 def test_long_zero_tail_is_not_padding(area):

@@ -12,17 +12,37 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bundler.errors import ConfigError, LimitExceededError, ManifestError, UnsafeMemberError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bundler.config import Settings
 
 _HEX = frozenset("0123456789abcdef")
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "MANIFEST.json"
-_MAX_PATH = 4096
+#: Path limits every member obeys, checked by pack and unpack alike (:func:`check_path`), so a
+#: bundle that packs also places. Linux refuses paths over 4096 bytes (PATH_MAX) and components
+#: over 255 (NAME_MAX); the member path must leave room for the destination and its staging
+#: folder in front, hence 1024. Real caches nest 2-6 folders deep; 32 bounds the folders an
+#: unpack creates per file, and with them the work a hostile name can cause.
+_MAX_PATH = 1024
 _MAX_COMPONENT = 255
+_MAX_DEPTH = 32
+#: Numbers in a manifest are sizes and the format version: 20 digits hold any 64-bit size, and
+#: Python's int() of a many-thousand-digit string is slow and then refused with a ValueError.
+_MAX_NUMBER_DIGITS = 20
+#: JSON values a manifest of n bytes may hold: n // 8 plus slack for producer facts. A real file
+#: entry is ~90+ bytes for 6 such values; ``[[],[],...]`` or ``["a","a",...]`` is 3 bytes per value,
+#: each costing 50-60 bytes parsed, so this caps parsed memory near 8x the manifest's size.
+_BYTES_PER_VALUE = 8
+_VALUE_SLACK = 4096
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +92,47 @@ def build(records: Iterable[FileRecord], producer: Mapping[str, str] | None = No
     for record in files:
         check_path(record.path)
     _check_unique(files)
-    return Manifest(files=files, producer=dict(producer or {}))
+    producer = dict(producer or {})
+    for key, value in producer.items():
+        if not (isinstance(key, str) and isinstance(value, str) and _is_unicode(key) and _is_unicode(value)):
+            raise ManifestError(f"producer fact {key!r} = {value!r} must be a text string (no lone surrogates)")
+    return Manifest(files=files, producer=producer)
+
+
+def _is_unicode(text: str) -> bool:
+    """True when ``text`` encodes as UTF-8: no lone surrogates (JSON's ``"\\ud800"``, or
+    surrogate-escaped bytes of a file name that is not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show(path: str) -> str:
+    """A member name for an error message: a hostile name can be megabytes long."""
+    return repr(path) if len(path) <= 200 else repr(path[:200]) + "..."
+
+
+def check_fits(man: Manifest, encoded_size: int, settings: Settings) -> Manifest:
+    """The limits a reader applies to a whole bundle; ``pack`` applies the same ones, so a bundle
+    that packs with some settings also unpacks with them."""
+    if len(man.files) > settings.max_members:
+        raise LimitExceededError(
+            f"the bundle has {len(man.files)} members, more than the limit of {settings.max_members}; "
+            "raise BUNDLER_MAX_MEMBERS if the bundle is trusted"
+        )
+    if encoded_size > settings.max_manifest_bytes:
+        raise LimitExceededError(
+            f"{MANIFEST_NAME} is {encoded_size} bytes, over the limit of {settings.max_manifest_bytes}; "
+            "raise BUNDLER_MAX_MANIFEST_BYTES if the bundle is trusted"
+        )
+    if man.total_size > settings.max_bundle_bytes:
+        raise LimitExceededError(
+            f"the bundle unpacks to {man.total_size} bytes, over the limit of {settings.max_bundle_bytes}; "
+            "raise BUNDLER_MAX_BUNDLE_BYTES if it is trusted"
+        )
+    return man
 
 
 def check_path(path: str) -> str:
@@ -82,28 +142,33 @@ def check_path(path: str) -> str:
     so anything else is either a bug or an attack, and both should stop here with the name shown.
     """
     problem = None
-    if not path:
+    encoded = path.encode("utf-8", "surrogatepass") if isinstance(path, str) else b""
+    if not isinstance(path, str) or not path:
         problem = "is empty"
+    elif not _is_unicode(path):
+        problem = "is not valid UTF-8"
     elif "\x00" in path:
         problem = "contains a NUL byte"
     elif path.startswith("/"):
         problem = "is absolute"
     elif "\\" in path:
         problem = "contains a backslash"
-    elif len(path.encode("utf-8", "surrogateescape")) > _MAX_PATH:
+    elif len(encoded) > _MAX_PATH:
         problem = f"is longer than {_MAX_PATH} bytes"
+    elif path.count("/") >= _MAX_DEPTH:
+        problem = f"is more than {_MAX_DEPTH} levels deep"
     else:
         for part in path.split("/"):
             if part in ("", ".", ".."):
-                problem = f"has a {part or 'empty'!r} component" if part else "has an empty component"
+                problem = f"has a {part!r} component" if part else "has an empty component"
                 break
-            if len(part.encode("utf-8", "surrogateescape")) > _MAX_COMPONENT:
+            if len(part.encode("utf-8")) > _MAX_COMPONENT:
                 problem = f"has a component longer than {_MAX_COMPONENT} bytes"
                 break
     if problem is None and path == MANIFEST_NAME:
         problem = "is reserved for the bundle manifest"
     if problem:
-        raise UnsafeMemberError(f"member {path!r} {problem}; bundles hold plain relative paths only")
+        raise UnsafeMemberError(f"member {_show(path)} {problem}; bundles hold plain relative paths only")
     return path
 
 
@@ -135,18 +200,74 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+def _check_shape(data: bytes) -> None:
+    """Refuse JSON whose parsed form would cost far more memory than real manifests of its size.
+
+    Every JSON value but the first follows a ``[``, ``,`` or ``:``; counting those outside strings
+    bounds the values ``json.loads`` would build. The raw count (strings included) is an upper
+    bound, so the exact count, which copies the bytes without their strings, is only taken when
+    the raw one is over the limit.
+    """
+    limit = len(data) // _BYTES_PER_VALUE + _VALUE_SLACK
+
+    def values(text: bytes) -> int:
+        return text.count(b"[") + text.count(b",") + text.count(b":")
+
+    if values(data) > limit and values(_STRING.sub(b"", data)) > limit:
+        raise ManifestError(
+            f"{MANIFEST_NAME} holds far more JSON values than a manifest of {len(data)} bytes can; "
+            "it was not written by kernel-bundler"
+        )
+
+
+def _number(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_NUMBER_DIGITS:
+        raise ManifestError(f"{MANIFEST_NAME} holds a number of {len(text)} digits; sizes have at most 20")
+    return int(text)
+
+
+def _entry(item: object, index: int) -> FileRecord:
+    """One ``files`` entry, checked field by field; the message never echoes a huge or deep value."""
+    if not isinstance(item, dict):
+        raise ManifestError(f"{MANIFEST_NAME} has a malformed file entry {index}: a {type(item).__name__}")
+    path, size, sha256 = item.get("path"), item.get("size"), item.get("sha256")
+    if not (
+        isinstance(path, str)
+        and type(size) is int
+        and size >= 0
+        and isinstance(sha256, str)
+        and _SHA256.fullmatch(sha256)
+    ):
+        shown = {k: v if isinstance(v, int) else f"{type(v).__name__}" for k, v in item.items() if k != "path"}
+        raise ManifestError(
+            f"{MANIFEST_NAME} has a malformed file entry {index} "
+            f"({_show(path) if isinstance(path, str) else 'no path'}, {shown!r:.200})"
+        )
+    check_path(path)
+    return FileRecord(path=path, size=size, sha256=sha256)
+
+
 def decode(data: bytes, *, max_members: int) -> Manifest:
-    """Parse and validate manifest bytes; the caller checks the digest of ``data`` separately."""
+    """Parse and validate manifest bytes; the caller checks the digest of ``data`` separately.
+
+    Anything malformed raises :class:`ManifestError` (never ``RecursionError``, ``ValueError`` or
+    ``UnicodeError``): deep nesting, huge numbers, lone surrogates and value floods included.
+    The caller bounds ``len(data)`` (``Settings.max_manifest_bytes``); this bounds what parsing
+    it may build.
+    """
+    _check_shape(data)
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from None
+        doc = json.loads(data, parse_int=_number)
+    except RecursionError:
+        raise ManifestError(f"{MANIFEST_NAME} is nested too deeply; it was not written by kernel-bundler") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ManifestError(f"{MANIFEST_NAME} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{MANIFEST_NAME} must be a JSON object")
     version = doc.get("format")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ManifestError(
-            f"{MANIFEST_NAME} has format {version!r}; this kernel-bundler reads format {FORMAT_VERSION}. "
+            f"{MANIFEST_NAME} has format {version!r:.40}; this kernel-bundler reads format {FORMAT_VERSION}. "
             "Upgrade kernel-bundler, or re-pack the cache with this version"
         )
     files = doc.get("files")
@@ -158,23 +279,10 @@ def decode(data: bytes, *, max_members: int) -> Manifest:
             f"the bundle has {len(files)} members, more than the limit of {max_members}; "
             "raise BUNDLER_MAX_MEMBERS if the bundle is trusted"
         )
-    records = []
-    for item in files:
-        try:
-            record = FileRecord(path=item["path"], size=item["size"], sha256=item["sha256"])
-        except (TypeError, KeyError):
-            raise ManifestError(f"{MANIFEST_NAME} has a malformed file entry: {item!r:.200}") from None
-        if not (
-            isinstance(record.path, str)
-            and type(record.size) is int
-            and record.size >= 0
-            and isinstance(record.sha256, str)
-            and len(record.sha256) == 64
-        ):
-            raise ManifestError(f"{MANIFEST_NAME} has a malformed file entry: {item!r:.200}")
-        check_path(record.path)
-        records.append(record)
-    manifest = Manifest(files=tuple(records), producer={str(k): str(v) for k, v in producer.items()})
+    if not all(isinstance(v, str) and _is_unicode(k) and _is_unicode(v) for k, v in producer.items()):
+        raise ManifestError(f"{MANIFEST_NAME} has a producer fact that is not a text string")
+    records = [_entry(item, index) for index, item in enumerate(files)]
+    manifest = Manifest(files=tuple(records), producer=producer)
     if [r.path for r in records] != sorted(r.path for r in records):
         raise ManifestError(
             f"{MANIFEST_NAME} files are not sorted by path; it was not written by kernel-bundler"

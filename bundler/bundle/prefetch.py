@@ -25,7 +25,9 @@ class Prefetch:
 
     An exception in the worker reaches the caller after every item produced before it, so the
     caller's view is exactly that of iterating ``source`` itself. Memory is bounded by the queue
-    depth times the batch size. ``close`` stops the worker early (the caller gave up).
+    depth times the batch size. ``close`` stops the worker early (the caller gave up): the worker
+    checks the stop flag between any two events, not only when the queue is full, so a closed
+    Prefetch stops decompressing within one event, and leaving the iteration early closes it too.
 
     With ``share_hashing``, the worker balances the load: when the caller falls behind (batches
     pile up in the queue), the worker hashes the next member itself and hands it over as
@@ -45,6 +47,8 @@ class Prefetch:
         size = 0
         try:
             for event in self._source:
+                if self._stop.is_set():
+                    return
                 batch.append(event)
                 if event[0] == DATA:
                     size += len(event[1])  # type: ignore[arg-type]
@@ -68,13 +72,26 @@ class Prefetch:
         return False
 
     def __iter__(self) -> Iterator[tuple[int, object]]:
+        try:
+            while True:
+                item = self._get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item  # type: ignore[misc]
+        finally:
+            self._stop.set()  # the caller stopped iterating, by choice or by error: so does the worker
+
+    def _get(self) -> object:
+        """The next item. A worker that ended without handing over its end (closed meanwhile) is an
+        error, never a quiet end: the caller must not take a cut-short bundle for a whole one."""
         while True:
-            item = self._queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield from item  # type: ignore[misc]
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    return RuntimeError("the bundle reader stopped before the end of the bundle")
 
     def backlog(self) -> int:
         """Batches produced and not yet taken by the caller."""

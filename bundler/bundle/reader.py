@@ -33,23 +33,48 @@ from bundler.errors import (
 MANIFEST, BEGIN, DATA, END, CHECKED_BEGIN = range(5)
 
 _CHUNK = 1 << 20
-#: Manifest size allowed per permitted member: an entry is ~130 bytes plus its path.
-_MANIFEST_BYTES_PER_MEMBER = 256
 #: Tar pads its end with zero blocks; GNU tar rounds archives up to 10 KiB records. Anything
 #: beyond this much padding is not padding, and decompressing it would only burn CPU.
 _MAX_TRAILING_ZEROS = 64 << 10
-_MAX_PAX_HEADER = 1 << 20
+#: A pax header only carries a path (at most 1 KiB) and a size, plus timestamps some tars add.
+_MAX_PAX_HEADER = 64 << 10
+#: Decompressed bytes every bundle may reach before ``Settings.max_ratio`` applies: small bundles
+#: of zero-filled files legitimately expand thousands of times.
+_RATIO_FLOOR = 8 << 20
 _ZERO_BLOCK = bytes(tarformat.BLOCK)
 
 
-class _Source:
-    """Exact-size reads over the decompressed stream; the window limit bounds zstd's memory."""
+class _Counted:
+    """The compressed stream, counting the bytes taken from it (for the expansion-ratio limit)."""
 
-    def __init__(self, stream: BinaryIO, max_window_log: int) -> None:
-        dctx = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
-        self._reader = dctx.stream_reader(stream, read_size=_CHUNK, read_across_frames=True, closefd=False)
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.count += len(data)
+        return data
+
+
+class _Source:
+    """Exact-size reads over the decompressed stream, with every bound a hostile stream could test.
+
+    zstd's memory is bounded by the window limit; the bytes decompressed by ``Settings.max_ratio``
+    times the compressed bytes read (past a floor), checked per chunk; every read size must be a
+    non-negative number the caller validated, and every loop takes at least one byte or stops.
+    """
+
+    def __init__(self, stream: BinaryIO, settings: Settings) -> None:
+        dctx = zstandard.ZstdDecompressor(max_window_size=1 << settings.max_window_log)
+        self._compressed = _Counted(stream)
+        self._reader = dctx.stream_reader(
+            self._compressed, read_size=_CHUNK, read_across_frames=True, closefd=False
+        )
         self._view = memoryview(b"")
         self._done = False
+        self._ratio = settings.max_ratio
+        self._expanded = 0
 
     def _next(self) -> bool:
         if self._done:
@@ -61,12 +86,20 @@ class _Source:
         if not chunk:
             self._done = True
             return False
+        self._expanded += len(chunk)
+        if self._expanded > _RATIO_FLOOR + self._ratio * self._compressed.count:
+            raise LimitExceededError(
+                f"the bundle expands from {self._compressed.count} compressed bytes to over "
+                f"{self._expanded}, more than {self._ratio} times: a decompression bomb, not a cache; "
+                "raise BUNDLER_MAX_RATIO if the bundle is trusted"
+            )
         self._view = memoryview(chunk)
         return True
 
     def pieces(self, size: int) -> Iterator[memoryview]:
         """Exactly ``size`` bytes as successive views; raises if the stream ends first."""
-        while size:
+        _check_size(size)
+        while size > 0:
             if not self._view and not self._next():
                 raise NotABundleError("the bundle is truncated: the stream ended inside a tar member")
             piece = self._view[:size]
@@ -75,6 +108,7 @@ class _Source:
             yield piece
 
     def read(self, size: int) -> bytes:
+        _check_size(size)
         if len(self._view) >= size:  # the common case (headers, padding): one slice, no generator
             piece = self._view[:size]
             self._view = self._view[size:]
@@ -93,6 +127,12 @@ class _Source:
                 return True
 
 
+def _check_size(size: int) -> None:
+    """The last line of defence: sizes are validated where they are parsed, never trusted here."""
+    if type(size) is not int or size < 0:
+        raise NotABundleError(f"the bundle asks to read {size!r} bytes; sizes are never negative")
+
+
 def _member_header(src: _Source, expected: str) -> tarformat.Header | None:
     """The next file header (pax records folded in), or None at the end-of-archive marker."""
     block = src.read(tarformat.BLOCK)
@@ -108,10 +148,9 @@ def _member_header(src: _Source, expected: str) -> tarformat.Header | None:
     inner = tarformat.parse_header(src.read(tarformat.BLOCK))
     if inner.typeflag == b"x":
         raise NotABundleError(f"two pax headers in a row before {expected!r}")
-    try:
-        size = int(records.get("size", inner.size))
-    except ValueError:
-        raise NotABundleError(f"pax size of member {expected!r} is not a number") from None
+    size = inner.size
+    if "size" in records:  # checked by parse_pax: decimal digits only
+        size = tarformat.parse_decimal(records["size"], f"the pax size of member {expected!r}")
     return tarformat.Header(typeflag=b"0", name=records.get("path", inner.name), size=size)
 
 
@@ -123,17 +162,17 @@ def _manifest(src: _Source, settings: Settings, expected_digest: str | None) -> 
     if header is None or header.name != MANIFEST_NAME:
         found = "nothing" if header is None else repr(header.name)
         raise ManifestError(f"the first member must be {MANIFEST_NAME}, found {found}; not a kernel-bundler bundle")
-    limit = max(1 << 20, settings.max_members * _MANIFEST_BYTES_PER_MEMBER)
+    limit = settings.max_manifest_bytes
     if header.size > limit:
         raise LimitExceededError(
-            f"{MANIFEST_NAME} is {header.size} bytes, over the limit of {limit} for "
-            f"{settings.max_members} members; raise BUNDLER_MAX_MEMBERS if the bundle is trusted"
+            f"{MANIFEST_NAME} is {header.size} bytes, over the limit of {limit}; "
+            "raise BUNDLER_MAX_MANIFEST_BYTES if the bundle is trusted"
         )
     hasher = hashlib.sha256()
-    pieces = []
+    data = bytearray()
     for piece in src.pieces(header.size):
         hasher.update(piece)
-        pieces.append(bytes(piece))
+        data += piece
     src.read(tarformat.padding(header.size))
     digest = hasher.hexdigest()
     if expected_digest is not None and digest != expected_digest:
@@ -142,13 +181,8 @@ def _manifest(src: _Source, settings: Settings, expected_digest: str | None) -> 
             "the object is corrupt or was replaced; delete it from the store and push it again"
         )
     # Only now, with the digest checked when one was asked for, is the manifest parsed.
-    man = manifest.decode(b"".join(pieces), max_members=settings.max_members)
-    if man.total_size > settings.max_bundle_bytes:
-        raise LimitExceededError(
-            f"the bundle unpacks to {man.total_size} bytes, over the limit of {settings.max_bundle_bytes}; "
-            "raise BUNDLER_MAX_BUNDLE_BYTES if it is trusted"
-        )
-    return man
+    man = manifest.decode(data, max_members=settings.max_members)  # type: ignore[arg-type]
+    return manifest.check_fits(man, header.size, settings)
 
 
 def _unexpected(name: str, names: set[str]) -> UnsafeMemberError:
@@ -160,12 +194,12 @@ def _unexpected(name: str, names: set[str]) -> UnsafeMemberError:
 
 def read_manifest(stream: BinaryIO, settings: Settings, expected_digest: str | None = None) -> Manifest:
     """Only the first member: cheap, for listing; the files are not checked."""
-    return _manifest(_Source(stream, settings.max_window_log), settings, expected_digest)
+    return _manifest(_Source(stream, settings), settings, expected_digest)
 
 
 def events(stream: BinaryIO, settings: Settings, expected_digest: str | None = None) -> Iterator[tuple[int, object]]:
     """The bundle as events, every structural rule enforced; member hashes are the consumer's job."""
-    src = _Source(stream, settings.max_window_log)
+    src = _Source(stream, settings)
     man = _manifest(src, settings, expected_digest)
     yield MANIFEST, man
     names = {record.path for record in man.files}

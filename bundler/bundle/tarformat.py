@@ -97,14 +97,33 @@ def _field_str(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0]
 
 
+_OCTAL_DIGITS = frozenset(b"01234567")
+_DECIMAL_DIGITS = frozenset(b"0123456789")
+#: A pax ``size`` longer than this many digits is beyond any limit a reader accepts.
+_MAX_PAX_SIZE_DIGITS = 20
+
+
 def _parse_octal(raw: bytes, what: str) -> int:
-    text = raw.rstrip(b"\0 ").lstrip(b" ")
+    """A numeric header field: octal digits, optionally space-padded in front, ended by NUL or space.
+
+    Strict on purpose: ``int(text, 8)`` alone accepts a sign (``-0000000001`` is -1, which made
+    every reader loop forever), underscores and inner spaces. Only what tar writers emit passes.
+    """
     if raw[:1] and raw[0] & 0x80:
         raise NotABundleError(f"tar header uses a base-256 {what}, which bundles never do")
-    try:
-        return int(text or b"0", 8)
-    except ValueError:
-        raise NotABundleError(f"tar header has a malformed {what} field {raw!r}") from None
+    text, _, rest = raw.partition(b"\0")
+    text = text.lstrip(b" ").rstrip(b" ")
+    if rest.strip(b"\0 ") or not _OCTAL_DIGITS.issuperset(text):
+        raise NotABundleError(f"tar header has a malformed {what} field {raw!r}")
+    return int(text, 8) if text else 0
+
+
+def parse_decimal(raw: str, what: str) -> int:
+    """A pax number: decimal digits only (no sign, spaces or underscores), of a plausible length."""
+    data = raw.encode("utf-8", "surrogateescape")
+    if not data or len(data) > _MAX_PAX_SIZE_DIGITS or not _DECIMAL_DIGITS.issuperset(data):
+        raise NotABundleError(f"{what} is {raw[:40]!r}, not a plain decimal number")
+    return int(data)
 
 
 def parse_header(block: bytes) -> Header:
@@ -134,27 +153,36 @@ def parse_header(block: bytes) -> Header:
 
 
 def parse_pax(data: bytes, member_hint: str) -> dict[str, str]:
-    """Parse pax ``x`` records; only ``path`` and ``size`` matter, harmless timestamps are ignored."""
+    """Parse pax ``x`` records; only ``path`` and ``size`` matter, harmless timestamps are ignored.
+
+    Every record must fit inside ``data`` and have a length of decimal digits only, so each step
+    of the loop moves forward and a record can never point outside the header it came in.
+    """
     records: dict[str, str] = {}
     pos = 0
     while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
+        space = data.find(b" ", pos, pos + _MAX_PAX_SIZE_DIGITS + 1)
+        digits = data[pos:space]
+        if space < 0 or not digits or not _DECIMAL_DIGITS.issuperset(digits):
             raise NotABundleError(f"malformed pax header before member {member_hint!r}")
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise NotABundleError(f"malformed pax header before member {member_hint!r}") from None
-        record = data[space + 1 : pos + length]
-        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+        length = int(digits)
+        end = pos + length
+        if end <= space + 1 or end > len(data):
+            raise NotABundleError(f"malformed pax header before member {member_hint!r}")
+        record = data[space + 1 : end]
+        if not record.endswith(b"\n") or b"=" not in record:
             raise NotABundleError(f"malformed pax header before member {member_hint!r}")
         key, value = record[:-1].split(b"=", 1)
         text_key = key.decode("utf-8", "replace")
         if text_key in _PAX_KEYS_USED:
+            if text_key in records:
+                raise NotABundleError(f"pax header before member {member_hint!r} sets {text_key!r} twice")
             records[text_key] = value.decode("utf-8", "surrogateescape")
         elif text_key not in _PAX_KEYS_IGNORED:
             raise UnsafeMemberError(
-                f"member {member_hint!r} carries pax attribute {text_key!r}; bundles only use path and size"
+                f"member {member_hint!r} carries pax attribute {text_key[:64]!r}; bundles only use path and size"
             )
-        pos += length
+        pos = end
+    if "size" in records:
+        parse_decimal(records["size"], f"the pax size of member {member_hint!r}")
     return records
