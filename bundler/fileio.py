@@ -4,6 +4,11 @@ Cache files are read by other processes at any moment (eight ranks of a node, a 
 so every small file kernel-bundler writes into a cache goes through here: a private temp file in
 the same folder (so the rename stays on one filesystem), then ``os.replace``. File permissions
 follow the umask, as an ordinary ``open`` would, not ``mkstemp``'s 0600.
+
+:class:`FileOps` is the seam between our file-writing code and the operating system (s3transfer's
+``OSUtils``): the local store and bundle placement make every write, rename and mkdir through it,
+so a test can make one call fail on cue (a full disk at the k-th file) or act as a racing process
+between a check and a move, without patching ``os`` for the whole process.
 """
 
 from __future__ import annotations
@@ -14,6 +19,54 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+DirFd = int | None
+
+
+class FileOps:
+    """The OS calls that write cache files, as a seam tests subclass to fail or race on cue.
+
+    Each method is the ``os`` function of the same name with the same arguments; ``dir_fd``
+    arguments make the call relative to an open folder, which is how placement avoids following
+    a link another process may swap in after a check. Keep it thin: no logic belongs here.
+    """
+
+    def open(self, path: str, flags: int, mode: int = 0o777, *, dir_fd: DirFd = None) -> int:
+        return os.open(path, flags, mode, dir_fd=dir_fd)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def mkdir(self, path: str, mode: int = 0o777, *, dir_fd: DirFd = None) -> None:
+        os.mkdir(path, mode, dir_fd=dir_fd)
+
+    def rmdir(self, path: str, *, dir_fd: DirFd = None) -> None:
+        os.rmdir(path, dir_fd=dir_fd)
+
+    def unlink(self, path: str, *, dir_fd: DirFd = None) -> None:
+        os.unlink(path, dir_fd=dir_fd)
+
+    def chmod(self, path: str, mode: int, *, dir_fd: DirFd = None) -> None:
+        os.chmod(path, mode, dir_fd=dir_fd)
+
+    def link(
+        self, src: str, dst: str, *, src_dir_fd: DirFd = None, dst_dir_fd: DirFd = None,
+        follow_symlinks: bool = True,
+    ) -> None:
+        os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=follow_symlinks)
+
+    def rename(self, src: str, dst: str, *, src_dir_fd: DirFd = None, dst_dir_fd: DirFd = None) -> None:
+        os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+
+    def replace(self, src: str, dst: str, *, src_dir_fd: DirFd = None, dst_dir_fd: DirFd = None) -> None:
+        os.replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+
+
+#: The real thing, shared: FileOps holds no state.
+REAL_OPS = FileOps()
 
 
 @contextlib.contextmanager

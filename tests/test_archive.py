@@ -18,6 +18,7 @@ from bundler.bundle import archive
 from bundler.bundle.manifest import MANIFEST_NAME
 from bundler.config import Settings
 from bundler.errors import UnsafeMemberError
+from bundler.fileio import FileOps
 
 from bundles import snapshot, write_tree
 
@@ -178,10 +179,11 @@ def test_pack_refuses_symlinks_in_the_source(tmp_path):
 
 
 def test_pack_of_a_missing_directory_is_a_clear_error(tmp_path):
-    from bundler.errors import BundlerError, NotFoundError
+    from bundler.errors import BundlerError, LocalFileNotFoundError
 
-    with pytest.raises(NotFoundError, match="no such directory"):  # exit 3, like any miss
+    with pytest.raises(LocalFileNotFoundError, match="no such directory") as info:  # a local miss, not a store's
         pack_bytes(tmp_path / "nope")
+    assert info.value.exit_code == 3  # like any miss
     (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(BundlerError, match="not a directory"):
         pack_bytes(tmp_path / "file")
@@ -247,22 +249,21 @@ def test_new_folders_move_whole_and_existing_ones_merge(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["new", "old", "top.json"]
 
 
-def _make_after_planning(monkeypatch, make) -> None:
-    """Run ``make`` between the moment unpack decides a folder is absent and its rename:
-    the window in which another process can create it."""
-    from bundler.bundle import placement
+class _RacingOps(FileOps):
+    """Runs ``race`` once, just before the commit's first rename: after unpack decided a folder is
+    absent and checked its targets, the window in which another process can change the cache."""
 
-    plan = placement.Placement._plan
+    def __init__(self, race) -> None:
+        self._race = race
 
-    def plan_then_race(self):
-        result = plan(self)
-        make()
-        return result
+    def rename(self, src, dst, **kwargs) -> None:
+        race, self._race = self._race, None
+        if race is not None:
+            race()
+        super().rename(src, dst, **kwargs)
 
-    monkeypatch.setattr(placement.Placement, "_plan", plan_then_race)
 
-
-def test_folder_made_by_another_process_meanwhile_is_merged(tmp_path, monkeypatch):
+def test_folder_made_by_another_process_meanwhile_is_merged(tmp_path):
     dest = tmp_path / "cache"
     data, _ = pack_bytes({"k/a.bin": b"ours", "k/sub/b.bin": b"ours too"})
 
@@ -270,31 +271,30 @@ def test_folder_made_by_another_process_meanwhile_is_merged(tmp_path, monkeypatc
         (dest / "k").mkdir()
         (dest / "k/theirs.bin").write_bytes(b"theirs")
 
-    _make_after_planning(monkeypatch, other_process)
-    archive.unpack(io.BytesIO(data), dest, settings=SETTINGS)
+    archive.unpack(io.BytesIO(data), dest, settings=SETTINGS, ops=_RacingOps(other_process))
     files = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
     assert files == {"k/a.bin": b"ours", "k/sub/b.bin": b"ours too", "k/theirs.bin": b"theirs"}
 
 
-def test_link_planted_meanwhile_is_not_written_through(tmp_path, monkeypatch):
+def test_link_planted_meanwhile_is_not_written_through(tmp_path):
     dest, outside = tmp_path / "cache", tmp_path / "outside"
     outside.mkdir()
     data, _ = pack_bytes({"k/a.bin": b"payload"})
-    _make_after_planning(monkeypatch, lambda: (dest / "k").symlink_to(outside))
     with pytest.raises(UnsafeMemberError, match="outside"):
-        archive.unpack(io.BytesIO(data), dest, settings=SETTINGS)
+        archive.unpack(io.BytesIO(data), dest, settings=SETTINGS,
+                       ops=_RacingOps(lambda: (dest / "k").symlink_to(outside)))
     assert list(outside.iterdir()) == []
     assert [p.name for p in dest.iterdir()] == ["k"]  # the planted link, and no staging folder
 
 
-def test_refusal_after_a_lost_race_takes_back_folders_already_moved(tmp_path, monkeypatch):
+def test_refusal_after_a_lost_race_takes_back_folders_already_moved(tmp_path):
     """All or nothing even then: 'a' moved whole, 'b' turned into a link meanwhile; 'a' goes back."""
     dest, outside = tmp_path / "cache", tmp_path / "outside"
     outside.mkdir()
     data, _ = pack_bytes({"a/x.bin": b"x", "b/y.bin": b"y", "top.json": b"{}"})
-    _make_after_planning(monkeypatch, lambda: (dest / "b").symlink_to(outside))
     with pytest.raises(UnsafeMemberError, match="outside"):
-        archive.unpack(io.BytesIO(data), dest, settings=SETTINGS)
+        archive.unpack(io.BytesIO(data), dest, settings=SETTINGS,
+                       ops=_RacingOps(lambda: (dest / "b").symlink_to(outside)))
     assert [p.name for p in dest.iterdir()] == ["b"]  # only the planted link
     assert list(outside.iterdir()) == []
 
@@ -305,16 +305,16 @@ def test_a_long_unpack_keeps_its_staging_folder_from_being_swept(tmp_path, monke
 
     monkeypatch.setattr(placement, "_KEEP_ALIVE_SECONDS", 0)
     live = placement.Placement(tmp_path)
-    staged, _ = live.stage("k/deep/a.bin")
-    Path(staged).write_bytes(b"a")
-    staging = Path(staged).parents[2]
+    staged = Path(live.stage("k/deep/a.bin").shown)
+    staged.write_bytes(b"a")
+    staging = staged.parents[3]  # <staging>/t/k/deep/a.bin
     old = staging.stat().st_mtime - placement.STALE_STAGING_SECONDS - 10
     os.utime(staging, (old, old))  # an hour of streaming one folder's members
     live.stage("k/deep/b.bin")  # staging the next member says "alive"
     data, _ = pack_bytes({"other": b"1"})
     archive.unpack(io.BytesIO(data), tmp_path, settings=SETTINGS)  # sweeps stale staging
     assert staging.is_dir()
-    Path(live.stage("k/c.bin")[0]).write_bytes(b"c")
-    Path(staging / "k/deep/b.bin").write_bytes(b"b")
+    Path(live.stage("k/c.bin").shown).write_bytes(b"c")
+    Path(staging / "t/k/deep/b.bin").write_bytes(b"b")
     live.commit()
     assert (tmp_path / "k/deep/a.bin").read_bytes() == b"a" and (tmp_path / "k/c.bin").read_bytes() == b"c"

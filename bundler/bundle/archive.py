@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 from bundler.bundle import manifest
 from bundler.bundle import reader as bundle_reader
 from bundler.bundle.manifest import FileRecord, Manifest
-from bundler.bundle.placement import Destination, Placement, local_error
+from bundler.bundle.placement import Destination, Placement, Staged, local_error
 from bundler.bundle.prefetch import Prefetch
 from bundler.bundle.reader import BEGIN, CHECKED_BEGIN, DATA, END, MANIFEST, check_hash
 from bundler.config import Settings
 from bundler.errors import LimitExceededError
+from bundler.fileio import REAL_OPS, FileOps
 
 if TYPE_CHECKING:  # pragma: no cover
     from bundler.bundle.writer import PackResult, Source, compressor, pack, packed
@@ -82,17 +83,26 @@ class _Hasher:
 
 
 class _Extractor(_Hasher):
-    """The sink of ``unpack``: each member hashed while it is written to its staging file."""
+    """The sink of ``unpack``: each member hashed while it is written to its staging file.
 
-    def __init__(self, placement: Placement, rewrite: Rewriter | None) -> None:
+    Staging files are created relative to the staging folder's descriptor, never by path, and
+    every write goes through ``ops`` (the seam tests use to fill the disk at the k-th write).
+    """
+
+    #: New, never-existing files only; the mode is 0666 less the umask, as ``open`` would make it.
+    _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def __init__(self, placement: Placement, rewrite: Rewriter | None, ops: FileOps) -> None:
         self._placement = placement
         self._rewrite = rewrite
+        self._ops = ops
+        self._staged: Staged | None = None
         self._fd = -1
         self._held: list[bytes] | None = None  # a member the rewriter wants, held until verified
 
     def begin(self, record: FileRecord, checked: bool = False) -> None:
         super().begin(record, checked)
-        self._staged, self._target = self._placement.stage(record.path)
+        self._staged = self._placement.stage(record.path)
         if self._rewrite is not None and self._rewrite.wants(record.path):
             if record.size > _MAX_REWRITTEN_MEMBER:
                 raise LimitExceededError(
@@ -113,9 +123,9 @@ class _Extractor(_Hasher):
             return
         try:
             while piece:
-                piece = piece[os.write(self._fd, piece) :]
+                piece = piece[self._ops.write(self._fd, piece) :]
         except OSError as exc:
-            raise local_error(exc, "write", self._staged) from exc
+            raise local_error(exc, "write", self._staged.shown) from exc  # type: ignore[union-attr]
 
     def end(self, record: FileRecord) -> None:
         if self._held is None:
@@ -123,17 +133,18 @@ class _Extractor(_Hasher):
             super().end(record)
             return
         super().end(record)
-        data = self._rewrite(record.path, b"".join(self._held), Path(self._target))  # type: ignore[misc]
+        data = self._rewrite(record.path, b"".join(self._held), Path(self._staged.target))  # type: ignore[misc,union-attr]
         self._held, self._digest = None, None
         self._fd = self._open()
         self.data(memoryview(data))
         self._close()
 
     def _open(self) -> int:
+        staged = self._staged
         try:
-            return os.open(self._staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            return self._ops.open(staged.name, self._FLAGS, 0o666, dir_fd=staged.dir_fd)  # type: ignore[union-attr]
         except OSError as exc:
-            raise local_error(exc, "write", self._staged) from exc
+            raise local_error(exc, "write", staged.shown) from exc  # type: ignore[union-attr]
 
     def _close(self) -> None:
         fd, self._fd = self._fd, -1
@@ -173,16 +184,23 @@ def unpack(
     expected_digest: str | None = None,
     settings: Settings | None = None,
     rewrite: Rewriter | None = None,
+    ops: FileOps | None = None,
 ) -> Manifest:
     """Verify and extract a bundle read front to back from ``stream`` (no seeking needed).
 
     ``dest`` is a directory, or a mapping from a member's first path component to the directory
     that component unpacks into. Raises a :class:`BundleError` subclass, naming the member and the
-    rule it broke, and leaves every destination as it was, if anything at all is wrong.
+    rule it broke, and leaves every destination as it was, if anything at all is wrong: a commit
+    that fails midway (full disk, read-only folder) is undone, and a folder another process swaps
+    for a link meanwhile cannot redirect a write (see :mod:`bundler.bundle.placement`).
+
+    ``ops`` is the OS seam every staging write, rename and mkdir goes through; tests pass a
+    :class:`~bundler.fileio.FileOps` subclass to fail or race on cue. Defaults to the real calls.
     """
     settings = settings or Settings.from_env()
-    placement = Placement(dest)
-    sink = _Extractor(placement, rewrite)
+    ops = ops or REAL_OPS
+    placement = Placement(dest, ops=ops)
+    sink = _Extractor(placement, rewrite, ops)
     try:
         man = _consume(stream, settings, expected_digest, sink)
         placement.commit()

@@ -20,6 +20,7 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from bundler.errors import AccessDeniedError, ConfigError, NotFoundError, StoreError
+from bundler.fileio import FileOps
 from bundler.progress import NULL_PROGRESS, Progress
 from bundler.stores.base import ObjectInfo, Store
 from bundler.stores.streams import ChunkReader
@@ -31,22 +32,6 @@ _HIDDEN = "."
 _COPY_CHUNK = 1 << 20
 # link() errors that mean "this filesystem has no hard links", not "the name is taken".
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
-
-
-class FileOps:
-    """The OS calls a write makes, as a seam tests subclass to fail on cue (s3transfer's OSUtils)."""
-
-    def write(self, fd: int, data: bytes | memoryview) -> int:
-        return os.write(fd, data)
-
-    def fsync(self, fd: int) -> None:
-        os.fsync(fd)
-
-    def link(self, src: str, dst: str) -> None:
-        os.link(src, dst)
-
-    def replace(self, src: str, dst: str) -> None:
-        os.replace(src, dst)
 
 
 def key_path(root: Path, key: str) -> Path:
