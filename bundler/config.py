@@ -98,9 +98,26 @@ class Settings:
             unpacking, so a hostile frame cannot make us allocate gigabytes.
         max_bundle_bytes (``BUNDLER_MAX_BUNDLE_BYTES``) / max_members (``BUNDLER_MAX_MEMBERS``):
             limits on what one bundle may unpack to, checked before bytes are written.
-        signing_key (``BUNDLER_SIGNING_KEY``): shared secret; when set, refs and remote autotune
-            records are signed on write, unsigned or wrongly signed ones are rejected on read, and
-            the Triton remote cache backend (unsigned raw objects) loads nothing.
+        max_manifest_bytes (``BUNDLER_MAX_MANIFEST_BYTES``): the largest MANIFEST.json a reader
+            loads (about 150,000 files at the 32 MiB default). It bounds a reader's memory before
+            any digest is checked: parsing may cost up to ~8x this, never more.
+        max_ratio (``BUNDLER_MAX_RATIO``): how many times its compressed size a bundle may
+            expand to, beyond a first 8 MiB; checked while decompressing, so a few KB that inflate
+            to gigabytes (a zstd bomb) stop early instead of filling the staging folder. Real
+            caches expand 3-30x.
+        signing_key (``BUNDLER_SIGNING_KEY``): HMAC-SHA256 shared secret, or several separated by
+            commas (the first signs, all verify: rotation). With any signing setting, refs and remote
+            autotune records are signed on write, unsigned or wrongly signed ones are rejected on
+            read, and the Triton remote cache backend (unsigned raw objects) loads nothing. Set but
+            empty is an error, not "off": a launcher that blanks it must not turn checks off.
+        signing_key_file (``BUNDLER_SIGNING_KEY_FILE``): an Ed25519 private key (PEM) that writers
+            sign with; it also verifies. Needs the ``cryptography`` package. See docs/signing.md.
+        trusted_keys (``BUNDLER_TRUSTED_KEYS``): comma-separated Ed25519 public keys that readers
+            accept, each ``ed25519:<base64>`` or a file (PEM, ``ssh-ed25519`` line); readers need
+            no secret at all. Several keys: rotation.
+        ref_max_age (``BUNDLER_REF_MAX_AGE``, seconds): refuse refs whose signed version (a write
+            time) is older than this, bounding how long an old signed ref can be replayed to a
+            node that has never seen a newer one. Unset: no age limit.
 
     Local caches and switches
         cache_dir (``BUNDLER_CACHE_DIR``): root of our local cache (autotune records, bundle
@@ -130,7 +147,12 @@ class Settings:
     max_window_log: int = 27
     max_bundle_bytes: int = 16 << 30
     max_members: int = 1_000_000
+    max_manifest_bytes: int = 32 << 20
+    max_ratio: int = 1000
     signing_key: str | None = dataclasses.field(default=None, repr=False)
+    signing_key_file: Path | None = None
+    trusted_keys: tuple[str, ...] = ()
+    ref_max_age: float | None = None
 
     cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
     triton_cache_dir: Path = dataclasses.field(default_factory=_default_triton_cache_dir)
@@ -144,6 +166,9 @@ class Settings:
         # Callers pass plain strings too; the rest of the code joins paths with ``/``.
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "triton_cache_dir", Path(self.triton_cache_dir))
+        if isinstance(self.trusted_keys, str):  # one key passed as a plain string, as the variable reads
+            object.__setattr__(self, "trusted_keys", _nonempty_list("BUNDLER_TRUSTED_KEYS", self.trusted_keys))
+        _check_signing(self)
         if self.bundles and not self.local_cache:
             raise ConfigError(
                 "BUNDLER_BUNDLES=1 needs BUNDLER_LOCAL_CACHE=1: bundles unpack into the local cache; "
@@ -167,6 +192,10 @@ class Settings:
             raise ConfigError(f"BUNDLER_MAX_ATTEMPTS={self.max_attempts} must be between 1 and 20")
         if self.retry_mode not in ("standard", "adaptive", "legacy"):
             raise ConfigError(f"BUNDLER_RETRY_MODE={self.retry_mode!r}: use standard or adaptive")
+        if not (4 << 10) <= self.max_manifest_bytes <= (1 << 30):
+            raise ConfigError(f"BUNDLER_MAX_MANIFEST_BYTES={self.max_manifest_bytes} must be between 4KiB and 1GiB")
+        if not 2 <= self.max_ratio <= 1_000_000:
+            raise ConfigError(f"BUNDLER_MAX_RATIO={self.max_ratio} must be between 2 and 1000000")
         if not 10 <= self.max_window_log <= 31:
             raise ConfigError(f"BUNDLER_MAX_WINDOW_LOG={self.max_window_log} must be between 10 and 31")
         if self.long_window_log and not 10 <= self.long_window_log <= self.max_window_log:
@@ -196,6 +225,30 @@ class Settings:
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    @property
+    def signing_configured(self) -> bool:
+        """True when any signing setting is present: documents read must then be signed."""
+        return bool(self.signing_key or self.signing_key_file or self.trusted_keys)
+
+
+def _check_signing(settings: Settings) -> None:
+    """Empty signing values are errors: an empty key would otherwise mean "no checks" silently."""
+    if settings.signing_key is not None and any(not s.strip() for s in settings.signing_key.split(",")):
+        raise ConfigError(
+            "BUNDLER_SIGNING_KEY is set but empty (or has an empty entry between commas): that would turn "
+            "signature checks off without a word; set the secret(s), or unset the variable to run unsigned"
+        )
+    if settings.signing_key_file is not None and not str(settings.signing_key_file).strip():
+        raise ConfigError("BUNDLER_SIGNING_KEY_FILE is set but empty; name the Ed25519 private key file or unset it")
+    if any(not entry.strip() for entry in settings.trusted_keys):
+        raise ConfigError(
+            "BUNDLER_TRUSTED_KEYS has an empty entry; list Ed25519 public keys (ed25519:<base64> or key files) "
+            "separated by commas, or unset it"
+        )
+    age = settings.ref_max_age
+    if age is not None and not (math.isfinite(age) and age > 0):
+        raise ConfigError(f"BUNDLER_REF_MAX_AGE={age} must be a positive number of seconds")
+
 
 def _str(_name: str, raw: str) -> str:
     return raw
@@ -207,6 +260,21 @@ def _opt_str(_name: str, raw: str) -> str | None:
 
 def _path(_name: str, raw: str) -> Path:
     return Path(raw).expanduser()
+
+
+def _nonempty_str(name: str, raw: str) -> str:
+    """For secrets and keys: set-but-empty is a mistake (a blanked variable), never "off"."""
+    if not raw.strip():
+        raise ConfigError(f"{name} is set but empty; set a value or unset the variable (empty does not mean off)")
+    return raw
+
+
+def _nonempty_path(name: str, raw: str) -> Path:
+    return _path(name, _nonempty_str(name, raw))
+
+
+def _nonempty_list(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(entry.strip() for entry in _nonempty_str(name, raw).split(","))
 
 
 _ENV_NAMES = {
@@ -224,7 +292,12 @@ _ENV_NAMES = {
     "max_window_log": "BUNDLER_MAX_WINDOW_LOG",
     "max_bundle_bytes": "BUNDLER_MAX_BUNDLE_BYTES",
     "max_members": "BUNDLER_MAX_MEMBERS",
+    "max_manifest_bytes": "BUNDLER_MAX_MANIFEST_BYTES",
+    "max_ratio": "BUNDLER_MAX_RATIO",
     "signing_key": "BUNDLER_SIGNING_KEY",
+    "signing_key_file": "BUNDLER_SIGNING_KEY_FILE",
+    "trusted_keys": "BUNDLER_TRUSTED_KEYS",
+    "ref_max_age": "BUNDLER_REF_MAX_AGE",
     "cache_dir": "BUNDLER_CACHE_DIR",
     "triton_cache_dir": "TRITON_CACHE_DIR",
     "tag": "BUNDLER_TAG",
@@ -249,7 +322,12 @@ _PARSERS = {
     "max_window_log": _parse_int,
     "max_bundle_bytes": parse_size,
     "max_members": _parse_int,
-    "signing_key": _opt_str,
+    "max_manifest_bytes": parse_size,
+    "max_ratio": _parse_int,
+    "signing_key": _nonempty_str,
+    "signing_key_file": _nonempty_path,
+    "trusted_keys": _nonempty_list,
+    "ref_max_age": _parse_float,
     "cache_dir": _path,
     "triton_cache_dir": _path,
     "tag": _str,

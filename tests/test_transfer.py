@@ -95,7 +95,8 @@ def test_import_of_a_corrupt_file_uploads_nothing(store, tmp_path, small_setting
     assert list(store.list("")) == []
 
 
-def test_signed_refs_are_enforced_when_a_key_is_set(store, src, small_settings):
+def test_signed_refs_are_enforced_when_a_key_is_set(store, src, small_settings, tmp_path):
+    small_settings = small_settings.replace(cache_dir=tmp_path / "cache")  # readers remember versions there
     signer = small_settings.replace(signing_key="s3cret")
     transfer.push(store, src, ref="signed", settings=signer)
     transfer.push(store, src, ref="unsigned", settings=small_settings)

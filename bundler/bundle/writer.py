@@ -25,7 +25,7 @@ from bundler.bundle import manifest, tarformat
 from bundler.bundle.manifest import MANIFEST_NAME, FileRecord, Manifest
 from bundler.bundle.placement import STAGING_PREFIX
 from bundler.config import Settings
-from bundler.errors import BundlerError, NotFoundError, UnsafeMemberError
+from bundler.errors import BundlerError, LimitExceededError, LocalFileNotFoundError, UnsafeMemberError
 
 Source = Path | str | Mapping[str, Path | str | bytes]
 
@@ -48,13 +48,27 @@ class PackResult:
     compressed_size: int
 
 
-def _collect(source: Source) -> list[tuple[str, str | bytes]]:
+def _collect(source: Source, settings: Settings) -> list[tuple[str, str | bytes]]:
+    """The members to pack, refused up front when a reader with these settings would refuse them.
+
+    Names go through the reader's own :func:`manifest.check_path` (depth, component and total
+    length, UTF-8), so ``pack`` never writes a bundle that ``unpack`` cannot place.
+    """
     if isinstance(source, Mapping):
         items = [(name, data if isinstance(data, bytes) else os.fspath(data)) for name, data in source.items()]
     else:
         items = list(_walk(Path(source)))
-    for name, _ in items:
-        manifest.check_path(name)
+    for name, origin in items:
+        try:
+            manifest.check_path(name)
+        except UnsafeMemberError as exc:
+            where = origin if isinstance(origin, str) else "the given bytes"
+            raise UnsafeMemberError(f"cannot pack {where}: {exc}") from None
+    if len(items) > settings.max_members:
+        raise LimitExceededError(
+            f"cannot pack {len(items)} files: readers accept at most {settings.max_members} "
+            "(BUNDLER_MAX_MEMBERS); split the cache or raise the limit everywhere it is read"
+        )
     items.sort(key=lambda item: item[0])
     return items
 
@@ -67,7 +81,7 @@ def _walk(root: Path) -> Iterator[tuple[str, str]]:
     """
     if not root.is_dir():
         if not root.exists():
-            raise NotFoundError(f"cannot pack {root}: no such directory")
+            raise LocalFileNotFoundError(f"cannot pack {root}: no such directory")
         raise BundlerError(f"cannot pack {root}: not a directory")
     pending = [(os.fspath(root), "")]
     while pending:
@@ -146,7 +160,7 @@ def _changed(origin: str) -> BundlerError:
     return BundlerError(f"{origin} changed size while it was being packed; pack again once the cache is quiet")
 
 
-def _write_members(items: list[tuple[str, str | bytes]], writer: BinaryIO) -> list[FileRecord]:
+def _write_members(items: list[tuple[str, str | bytes]], writer: BinaryIO, max_bytes: int) -> list[FileRecord]:
     """Stream every member into ``writer`` while hashing it: each file is read exactly once.
 
     Writes go to zstd in batches of about a megabyte: thousands of small writes cost more in
@@ -155,6 +169,7 @@ def _write_members(items: list[tuple[str, str | bytes]], writer: BinaryIO) -> li
     records = []
     batch: list[bytes] = []
     pending = 0
+    total = 0
     for name, origin in items:
         if isinstance(origin, bytes):
             size, chunks = len(origin), iter((origin,))
@@ -168,6 +183,12 @@ def _write_members(items: list[tuple[str, str | bytes]], writer: BinaryIO) -> li
             pending += len(chunk)
         batch.append(bytes(tarformat.padding(size)))
         records.append(FileRecord(name, size, digest.hexdigest()))
+        total += size
+        if total > max_bytes:
+            raise LimitExceededError(
+                f"cannot pack: the files add up to over {max_bytes} bytes (at {name!r}), more than readers "
+                "accept (BUNDLER_MAX_BUNDLE_BYTES); split the cache or raise the limit everywhere it is read"
+            )
         if pending >= _BATCH:
             writer.write(b"".join(batch))
             batch, pending = [], 0
@@ -231,13 +252,14 @@ def packed(
     reads the stream straight from the spool: the compressed bytes are never copied again.
     """
     settings = settings or Settings.from_env()
-    items = _collect(source)
+    items = _collect(source, settings)
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as body:
         writer = compressor(settings).stream_writer(body, closefd=False)
-        records = _write_members(items, writer)
+        records = _write_members(items, writer, settings.max_bundle_bytes)
         writer.close()
         man = manifest.build(records, producer or {})
         encoded = man.encode()
+        manifest.check_fits(man, len(encoded), settings)
         head = compressor(settings).compress(
             tarformat.file_header(MANIFEST_NAME, len(encoded)) + encoded + bytes(tarformat.padding(len(encoded)))
         )
