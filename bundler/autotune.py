@@ -17,11 +17,16 @@ writes the winner. Differences, and why:
 * The remote side is best effort: a store error is one logged warning and a miss, and it trips
   the remote's read or write breaker (``bundler.remote.health``), so a dead endpoint costs one
   timeout, not one per kernel, and a denied write does not stop reads.
-* With ``BUNDLER_SIGNING_KEY`` set, records are signed when saved (the signature covers the record
-  and its key, so it cannot be copied to another kernel) and a remote record without a valid
-  signature is a miss: a winner is only a launch configuration, but whoever can write the bucket
-  should not choose what every node runs (DESIGN.md, threat model). Local records are the node's
-  own and bundles are covered by their signed refs, so those are not checked.
+* With signing configured (``BUNDLER_SIGNING_KEY``, ``BUNDLER_SIGNING_KEY_FILE`` or
+  ``BUNDLER_TRUSTED_KEYS``, see ``bundler.remote.signing``), records are signed when saved (the
+  signature covers the record, its kind and its key, so it cannot be copied to another kernel) and
+  a remote record without a valid signature is a miss: a winner is only a launch configuration, but
+  whoever can write the bucket should not choose what every node runs (DESIGN.md, threat model).
+  A process that holds only public keys does not write records to the store. Local records are the
+  node's own and bundles are covered by their signed refs, so those are not checked.
+* Every record, signed or not, is checked against the candidates before a config is built from
+  it: each value of the candidates' type and within sane bounds (``num_warps`` a power of two up
+  to 64, block sizes not 2**31), so a foreign record is a miss, not a launch that fails or hangs.
 
 Local records live in ``<cache_dir>/autotune/<key>.json`` (written to a temp file and renamed into
 place), remote ones under ``v1/autotune/<key>.json``. Every record saved or hit is also recorded
@@ -37,6 +42,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -45,11 +51,10 @@ from typing import Any
 
 from bundler import keys, recording
 from bundler.config import Settings
-from bundler.errors import ConfigError, NotFoundError
+from bundler.errors import ConfigError
 from bundler.fileio import write_atomically
 from bundler.remote import health as shared
 from bundler.remote import layout, signing
-from bundler.stores.streams import read_up_to
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +112,43 @@ _FROM_CANDIDATES = ("pre_hook", "ir_override")
 _SCALARS = (int, float, bool, str, type(None))
 
 
+# Sane ranges for Triton's launch options, whatever the candidates hold: a record outside them
+# was not written by a tuner (Triton wants num_warps a power of two; 2**31 warps would make the
+# launch fail or allocate absurdly). Options not listed get the generic bound below.
+_OPTION_RANGES: dict[str, tuple[int, int]] = {
+    "num_warps": (1, 64),
+    "num_stages": (0, 32),
+    "num_ctas": (1, 16),
+    "maxnreg": (1, 256),
+    "num_buffers_warp_spec": (0, 64),
+    "num_consumer_groups": (0, 64),
+    "reg_dec_producer": (0, 256),
+    "reg_inc_consumer": (0, 256),
+}
+_POWERS_OF_TWO = {"num_warps"}
+# Any other number in a record: within this, or 64 times the largest the candidates have for the
+# same name (coordinate descent doubles block sizes a few times past the candidates, not 2**20-fold).
+_GENERIC_LIMIT = 1 << 20
+_MAX_STRING = 256
+
+
+def _out_of_bounds(name: str, value: Any, candidate_values: Sequence[Any]) -> bool:
+    """True when ``value`` (a record's value for option or kwarg ``name``) is not a sane one."""
+    if isinstance(value, str):
+        return len(value) > _MAX_STRING
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return True
+    if name in _OPTION_RANGES:
+        low, high = _OPTION_RANGES[name]
+        if not low <= value <= high:
+            return True
+        return name in _POWERS_OF_TWO and (int(value) != value or int(value) & (int(value) - 1) != 0)
+    known = [abs(v) for v in candidate_values if isinstance(v, int | float) and not isinstance(v, bool)]
+    return abs(value) > max([_GENERIC_LIMIT] + [64 * v for v in known if math.isfinite(v)])
+
+
 def _matches(config: Any, record: Mapping[str, Any]) -> bool:
     if _jsonable(config.kwargs) != record.get("kwargs"):
         return False
@@ -119,8 +161,9 @@ def _unusable(record: Mapping[str, Any], configs: Sequence[Any]) -> str | None:
 
     A record holds only what the candidates could hold: their option names (less the code-like
     ones, which must be absent or equal to the candidates'), each value of a type some candidate
-    has for it (or None), and their kwarg names with scalar values (or a value a candidate has,
-    such as a tuple stored as a list). Anything else was not written by a tuner of these
+    has for it (or None), and their kwarg names with scalar values of a candidate's type (or a
+    value a candidate has, such as a tuple stored as a list); every number within sane bounds
+    (:func:`_out_of_bounds`). Anything else was not written by a tuner of these
     candidates, and Triton would otherwise act on it (call a ``pre_hook`` string, read an
     ``ir_override`` path) inside the user's launch.
     """
@@ -135,13 +178,22 @@ def _unusable(record: Mapping[str, Any], configs: Sequence[Any]) -> str | None:
         types = {type(fields[name]) for fields in described}
         if value is not None and type(value) not in types:
             return f"option {name}={value!r} is not of the candidates' type"
+        if _out_of_bounds(name, value, [fields[name] for fields in described]):
+            return f"option {name}={value!r} is out of any sane range"
     kwargs = record["kwargs"]
     if not any(set(kwargs) == set(cfg.kwargs) for cfg in configs):
         return f"its kwargs {sorted(kwargs)} are not the candidates' {sorted(configs[0].kwargs)}"
-    bad = sorted(name for name, value in kwargs.items() if not isinstance(value, _SCALARS)
-                 and all(value != _jsonable(cfg.kwargs.get(name)) for cfg in configs))
-    if bad:
-        return f"kwargs {bad} are not plain numbers or strings"
+    for name, value in kwargs.items():
+        theirs = [_jsonable(cfg.kwargs.get(name)) for cfg in configs]
+        if value in theirs and type(value) in {type(v) for v in theirs if v == value}:
+            continue  # exactly a candidate's value (a tuple stored as a list, say)
+        if not isinstance(value, _SCALARS) or type(value) not in {type(v) for v in theirs}:
+            return f"kwarg {name}={value!r} is not of the candidates' type"
+        if _out_of_bounds(name, value, theirs):
+            return f"kwarg {name}={value!r} is out of any sane range"
+    time_taken = record.get("time_taken_ns", 0)
+    if not 0 <= time_taken < 1 << 63:
+        return f"time_taken_ns={time_taken!r} is out of range"
     return None
 
 
@@ -345,40 +397,28 @@ class AutotuneCache:
             return None
 
     def _trusted(self, record: Mapping[str, Any]) -> bool:
-        """A remote record is trusted when no signing key is set or its signature checks out."""
-        key = self.settings.signing_key
-        if not key or signing.verify(self._signed_body(record), record.get("signature"), key):
+        """A remote record is trusted when no signing is configured or its signature checks out."""
+        try:
+            problem = signing.keyring(self.settings).problem(
+                RECORD_KIND, self.key, _signed_body(record), record.get("signature"))
+        except ConfigError as exc:  # a key file gone missing: a miss, never an error in the job
+            problem = f"cannot be checked ({exc})"
+        if problem is None:
             return True
         remote = str(self.settings.remote)
         if remote not in _unsigned_warned:
             _unsigned_warned.add(remote)
-            log.warning("autotune cache: record %s in %s is unsigned or wrongly signed, and BUNDLER_SIGNING_KEY "
-                        "is set: ignoring it (and, quietly, any other such record); the kernel is tuned again",
-                        self.key[:12], remote)
+            log.warning("autotune cache: record %s in %s %s, and signing is configured: ignoring it (and, "
+                        "quietly, any other such record); the kernel is tuned again", self.key[:12], remote, problem)
         return False
 
-    def _signed_body(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """What a record's signature covers: the record and the key it was saved under."""
-        return {"name": self.key, "record": {k: v for k, v in record.items() if k != "signature"}}
-
     def _read_remote(self) -> bytes | None:
-        if not shared.remote_usable(self.settings, "read"):
-            return None
+        """The record in the store, under the failure policy (``remote.health.guarded``): a dead or
+        slow store costs the job at most what is left of its wait budget, and one warning."""
         key = layout.autotune_key(self.key)
-        try:
-            with shared.shared_store(self.settings).open_read(key) as stream:
-                data = read_up_to(stream, RECORD_LIMIT + 1)
-        except NotFoundError:
-            return None
-        except Exception as exc:  # the cache is an accelerator: no store failure reaches the job
-            shared.remote_failed(self.settings, "read", key, exc)
-            return None
-        if len(data) > RECORD_LIMIT:
-            log.warning("autotune cache: record %s in %s is over %d bytes, far more than a record takes; "
-                        "ignoring it (it was not written by kernel-bundler)", key, self.settings.remote,
-                        RECORD_LIMIT)
-            return None
-        return data
+        return shared.guarded(
+            self.settings, "read", key, lambda: shared.shared_store(self.settings).read_bytes(key, limit=RECORD_LIMIT)
+        )
 
     # writing -------------------------------------------------------------------------------------
 
@@ -400,19 +440,27 @@ class AutotuneCache:
             "time_taken_ns": int(time_taken_ns),
             "triton_cache_hash": triton_cache_hash,
         }
-        if self.settings.signing_key:
-            record["signature"] = signing.sign(self._signed_body(record), self.settings.signing_key)
+        may_push = self._sign(record)
         data = json.dumps(record, sort_keys=True, indent=1).encode("utf-8")
         recording.record(self.member_name, data)
         _count(saves=1)
         if self.local_enabled:
             self._write_local(data)
-        if self.remote_enabled and shared.remote_usable(self.settings, "write"):
+        if may_push and self.remote_enabled:
             key = layout.autotune_key(self.key)
-            try:
-                shared.shared_store(self.settings).write_bytes(key, data)
-            except Exception as exc:
-                shared.remote_failed(self.settings, "write", key, exc)
+            shared.guarded(self.settings, "write", key, lambda: shared.shared_store(self.settings).write_bytes(key, data))
+
+    def _sign(self, record: dict[str, Any]) -> bool:
+        """Add the signature when signing is configured; False when the record must stay local
+        (only public keys here, or a key that cannot be loaded): others would refuse it anyway."""
+        try:
+            keys = signing.keyring(self.settings)
+            if keys.enabled:
+                record["signature"] = keys.sign(RECORD_KIND, self.key, _signed_body(record))
+        except ConfigError as exc:
+            log.warning("autotune cache: record %s is kept local, not pushed: %s", self.key[:12], exc)
+            return False
+        return True
 
     def _write_local(self, data: bytes) -> None:
         """Temp file in the same directory, then ``os.replace``: readers see all of it or nothing."""
@@ -449,6 +497,14 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
 
 # Remotes whose unsigned records were already warned about (one warning per process each).
 _unsigned_warned: set[str] = set()
+
+#: The signed document kind of a record (see ``bundler.remote.signing``).
+RECORD_KIND = "autotune-record"
+
+
+def _signed_body(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What a record's signature covers besides its kind and key: every field but the signature."""
+    return {k: v for k, v in record.items() if k != "signature"}
 
 
 def _parse(data: bytes, where: object) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bundler import __version__
-from bundler.errors import BundlerError, ConfigError, NotFoundError
+from bundler.errors import BundlerError, ConfigError, LocalFileNotFoundError
 
 log = logging.getLogger("bundler")
 
@@ -34,7 +34,7 @@ def _open_input(path: str) -> Iterator[BinaryIO]:
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below, after the caller's block
     except FileNotFoundError:
-        raise NotFoundError(f"bundle file {path} does not exist") from None
+        raise LocalFileNotFoundError(f"bundle file {path} does not exist") from None
     except OSError as exc:
         raise BundlerError(f"cannot open {path}: {exc.strerror or exc}") from None
     with f:
@@ -192,12 +192,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from bundler.errors import NotFoundError
     from bundler.remote import transfer
 
     store, settings = _store(args)
     if not Path(args.file).is_file():
-        raise NotFoundError(f"bundle file {args.file} does not exist")
+        raise LocalFileNotFoundError(f"bundle file {args.file} does not exist")
     with store:
         result = transfer.import_file(
             store, args.file, ref=args.ref, settings=settings, progress=_progress(args, "import")
@@ -240,6 +239,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _date(info) -> str | None:
     return info.modified.isoformat(timespec="seconds") if info.modified else None
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from bundler.remote import signing
+
+    try:
+        public = signing.generate_ed25519(args.path)
+    except FileExistsError as exc:
+        raise ConfigError(f"{exc}; a key in use must not be replaced silently") from None
+    print(public)
+    print(f"writers: BUNDLER_SIGNING_KEY_FILE={args.path}; readers: BUNDLER_TRUSTED_KEYS={public} "
+          f"(or {args.path}.pub)", file=sys.stderr)
+    return EXIT_OK
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -326,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="store URL: s3://bucket/prefix[?endpoint=URL&addressing=path] or file:///path "
             "(default: $BUNDLER_REMOTE)",
         )
+        p.add_argument(
+            "--timeout", type=_seconds, metavar="SECONDS",
+            help="give up (exit 5) when the whole command has not finished in this many seconds, "
+            "however the store behaves: slow bodies, retries and all (default: no limit)",
+        )
 
     def target(p: argparse.ArgumentParser) -> None:
         group = p.add_mutually_exclusive_group(required=True)
@@ -356,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ls", cmd_ls, "list refs and bundles in the store")
     p.add_argument("--json", action="store_true", help="print JSON")
     remote(p)
+
+    p = command("keygen", cmd_keygen, "write a new Ed25519 signing key pair (PATH and PATH.pub)")
+    p.add_argument("path", help="where to write the private key (mode 0600); the public key goes to PATH.pub")
     return parser
 
 
@@ -372,6 +392,61 @@ def add_raw_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return seconds
+
+
+def _within_timeout(args: argparse.Namespace) -> int:
+    """Run the command; with ``--timeout``, in a worker thread the main thread stops waiting for.
+
+    Socket timeouts bound each read, not a command: a store that trickles a byte a second, or a
+    dead one behind botocore's retries, would hold a CI job for minutes. The command's deadline
+    (:mod:`bundler.deadline`) makes its stream reads stop; the thread bounds what no read check
+    can reach (a request that never answers). What an unpack staged is removed by its own cleanup,
+    or swept by the next unpack once this process is gone.
+    """
+    seconds = getattr(args, "timeout", None)
+    if not seconds:
+        return args.func(args)
+    import contextvars
+    import threading
+
+    from bundler import deadline
+    from bundler.errors import DeadlineExceededError
+
+    limit = deadline.Deadline(seconds, f"--timeout {seconds:g}")
+    outcome: dict[str, object] = {}
+
+    def work() -> None:
+        with deadline.scope(limit):
+            try:
+                outcome["code"] = args.func(args)
+            except BaseException as exc:  # handed to the main thread
+                outcome["error"] = exc
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="bundler-command",
+                              daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        limit.cancel()
+        worker.join(2.0)  # a stream read notices the cancel within a second and cleans up
+        raise DeadlineExceededError(
+            f"bundler {args.command} did not finish within --timeout {seconds:g} s: the store at "
+            f"{getattr(args, 'remote', None) or os.environ.get('BUNDLER_REMOTE', '(BUNDLER_REMOTE)')} is slow or "
+            "not answering; nothing partial was placed. Retry later, or raise --timeout"
+        )
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["code"]  # type: ignore[return-value]
+
+
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
@@ -386,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     try:
-        return args.func(args)
+        return _within_timeout(args)
     except BundlerError as exc:
         print(f"bundler: error: {exc}", file=sys.stderr)
         return exc.exit_code

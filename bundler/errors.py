@@ -67,13 +67,20 @@ class StoreError(BundlerError):
 
 
 class NotFoundError(StoreError):
-    """The key (bundle, ref, autotune record) does not exist in the store."""
+    """The key (bundle, ref, autotune record) does not exist in the store.
+
+    A miss, not a failure: it never trips a store's breaker.
+    """
 
     exit_code = 3
 
 
 class StoreUnreachableError(StoreError):
     """The store did not answer within the configured time budget, or refused the connection."""
+
+
+class DeadlineExceededError(StoreUnreachableError):
+    """The operation's deadline (``BUNDLER_PULL_BUDGET``, ``--timeout``) passed while it waited."""
 
 
 class AccessDeniedError(StoreError):
@@ -86,3 +93,13 @@ class NoSuchBucketError(StoreError):
 
 class LocalCacheError(BundlerError):
     """The local cache directory could not be written (full disk, permissions, read-only FS)."""
+
+
+class LocalFileNotFoundError(BundlerError):
+    """A local file named on the command line or by the caller does not exist.
+
+    Not a :class:`StoreError`: a missing local file says nothing about the store's health, so it
+    must never trip a store breaker. Exits 3 like any other "not found".
+    """
+
+    exit_code = 3

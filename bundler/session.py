@@ -45,9 +45,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bundler import keys, recording
+from bundler import deadline, keys, recording
 from bundler.config import Settings
-from bundler.errors import ConfigError, NotFoundError, StoreError
+from bundler.errors import BundleError, ConfigError, DeadlineExceededError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class CompileSession:
         self._recorder = recording.Recorder()
         self._fetcher: threading.Thread | None = None
         self._deadline = 0.0
+        self._fetch_deadline: deadline.Deadline | None = None  # cancelled when the job stops waiting
+        self._pulled_names: frozenset[str] = frozenset()
         self._state = "new"
 
     @property
@@ -111,7 +113,11 @@ class CompileSession:
         if not self.enabled:
             log.debug("compile session off (bundles=%s, remote=%s)", self.settings.bundles, self.settings.remote)
             return self
-        self._deadline = time.monotonic() + self.settings.pull_budget
+        budget = self._budget_left()
+        self._deadline = time.monotonic() + budget
+        self._fetch_deadline = deadline.Deadline(
+            budget, f"the pull budget (BUNDLER_PULL_BUDGET={self.settings.pull_budget:g})"
+        )
         recording.attach(self._recorder)
         self._fetcher = threading.Thread(target=self._derive_key_and_fetch, name="bundler-fetch", daemon=True)
         self._fetcher.start()
@@ -132,7 +138,7 @@ class CompileSession:
         driver, which reads the Triton cache through our cache manager, and that read must not wait
         for pending fetches, this one included.
         """
-        with recording.fetching():
+        with recording.fetching(), deadline.scope(self._fetch_deadline or deadline.current()):
             try:
                 self.key = keys.compile_key(code=self._code, code_hash=self._code_hash, tag=self.settings.tag)
             except Exception as exc:  # the cache is an accelerator: nothing here may fail the job
@@ -142,17 +148,24 @@ class CompileSession:
             finally:
                 self._keyed.set()
             self._fetch()
+            self._fetch_deadline = None
 
     def _remote_usable(self, action: str) -> bool:
-        """Whether the shared breaker for ``action`` lets requests through to ``settings.remote``.
+        """Whether the failure policy lets ``action`` requests through to ``settings.remote``.
 
         Sessions share the per-kernel cache's view of the remote's health (``remote.health``): a
         store that failed one of them is skipped by all. A session given its own store and no
-        ``settings.remote`` has no breaker.
+        ``settings.remote`` has no shared state.
         """
-        from bundler.remote import health as shared
+        from bundler.remote import health
 
-        return not self.settings.remote or shared.remote_usable(self.settings, action)
+        return not self.settings.remote or health.remote_usable(self.settings, action)
+
+    def _budget_left(self) -> float:
+        """What is left of the process's store wait budget (the whole budget without a remote)."""
+        from bundler.remote import health
+
+        return health.budget_left(self.settings) if self.settings.remote else self.settings.pull_budget
 
     def _remote_failed(self, action: str, key: str, exc: BaseException) -> None:
         """Trip the shared breaker for ``action`` (its warning is the only one this failure gets)."""
@@ -186,15 +199,25 @@ class CompileSession:
         except NotFoundError:
             log.info("compile %s: no bundle yet; compiling, and the result will be pushed", self.key[:12])
             return
+        except DeadlineExceededError:
+            return  # the job stopped waiting; sync() already reported it, once
         except StoreError as exc:  # the store failed, not the bundle: later reads skip it too
             self._remote_failed("read", self.ref_name, exc)
             log.info("compile %s: could not fetch its bundle; compiling without it", self.key[:12])
             return
+        except BundleError as exc:  # the object's fault, not the store's: this run's push repairs it
+            log.warning("compile %s: bundle of ref %s in %s is unusable (%s); compiling, and the push at the "
+                        "end replaces it", self.key[:12], self.ref_name, self.settings.remote or "the store",
+                        str(exc).splitlines()[0][:120])
+            log.debug("unusable bundle", exc_info=exc)
+            return
         except Exception as exc:  # the cache is an accelerator: nothing here may fail the job
             log.warning("compile %s: could not fetch its bundle (%s: %s); compiling without it",
-                        self.key[:12], type(exc).__name__, exc)
+                        self.key[:12], type(exc).__name__, str(exc)[:120])
+            log.debug("fetch failed", exc_info=exc)
             return
         self.pulled = result
+        self._pulled_names = frozenset(record.path for record in result.manifest.files)
         try:
             self.time_saved_ns = self._register_pulled(result.manifest)
         except Exception as exc:  # the bundle is unpacked: a bookkeeping failure must not turn it into a miss
@@ -237,13 +260,34 @@ class CompileSession:
         if fetcher is threading.current_thread() or recording.in_fetch():
             return self._hit  # the fetch itself (or another session's) asking: waiting would wait for itself
         if fetcher is not None and fetcher.is_alive():
-            fetcher.join(max(0.0, self._deadline - time.monotonic()))
+            started = time.monotonic()
+            fetcher.join(max(0.0, self._deadline - started))
+            if self.settings.remote and self.key is not None:  # waited on the store, not on the key
+                from bundler.remote import health
+
+                health.spend(self.settings, time.monotonic() - started)
             if fetcher.is_alive():
                 self._fetcher = None  # given up: later calls neither wait nor warn again
-                log.warning("compile %s: fetching its bundle took longer than the pull budget (%.0f s, "
-                            "BUNDLER_PULL_BUDGET); compiling without it", self._label, self.settings.pull_budget)
+                self._give_up_fetch()
                 recording.remove_waiter(self.sync)
         return self._hit
+
+    def _give_up_fetch(self) -> None:
+        """The budget ran out: stop the download, and mark the store down (the one warning).
+
+        Cancelling the fetch's deadline makes its stream reads stop at their next check, so the
+        thread neither keeps downloading nor holds the node's pull lock for other processes.
+        """
+        if self.key is None:  # still deriving the key (importing Triton): the store is not to blame
+            log.warning("compile session: deriving its key took longer than the pull budget (%g s, "
+                        "BUNDLER_PULL_BUDGET); compiling without a bundle", self.settings.pull_budget)
+            return
+        if self._fetch_deadline is not None:
+            self._fetch_deadline.cancel()
+        exc = DeadlineExceededError(
+            f"no bundle within the pull budget (BUNDLER_PULL_BUDGET={self.settings.pull_budget:g})"
+        )
+        self._remote_failed("read", f"{REF_PREFIX}{self.key or 'unknown'}", exc)
 
     def put(self, path: str | os.PathLike[str], data: bytes | None = None) -> None:
         """Add a local-cache file to this session's bundle (``data``: its bytes, else read at push)."""
@@ -254,7 +298,12 @@ class CompileSession:
     # end ---------------------------------------------------------------------------------------
 
     def end(self) -> Any:
-        """Stop collecting; on a miss, pack and push what was collected. Returns the PushResult or None.
+        """Stop collecting; push what a miss (or a hit that still compiled) produced. Returns the PushResult or None.
+
+        A hit whose job still compiled or tuned something the bundle lacked (a renamed script, a
+        new shape) pushes a follow-up bundle holding the pulled files and the new ones, and moves
+        the ref to it, so the next node does none of that work again. The push runs under the
+        failure policy: the job waits for it at most for what is left of the pull budget.
 
         Ending a session that is not open (ended already, or never begun) does nothing: the cache
         never raises into the job.
@@ -268,36 +317,53 @@ class CompileSession:
         self.sync()
         recording.remove_waiter(self.sync)
         recording.detach(self._recorder)
-        if self._hit:
-            return None
         if self.key is None:
             log.info("compile session: no key was derived within the pull budget; no bundle to push")
             return None
         entries = recording.still_existing(self._recorder.entries())
+        new = sorted(name for name in entries if name not in self._pulled_names)
+        if self._hit and not new:
+            return None
         if not entries:
             log.info("compile %s: nothing was compiled or tuned; no bundle to push", self.key[:12])
             return None
+        if self._hit:
+            entries = {**self._pulled_entries(), **entries}
+            log.info("compile %s: the bundle was a hit, but %d file(s) were made anew (first: %s); pushing "
+                     "a follow-up bundle", self.key[:12], len(new), new[0])
         if not self._remote_usable("write"):
-            log.info("compile %s: writes to %s failed earlier in this process; not pushing its bundle",
+            log.info("compile %s: the remote %s is not usable for writes in this process; not pushing",
                      self.key[:12], self.settings.remote)
+            return None
+        if not _may_sign(self.settings):
+            log.info("compile %s: this node holds only public keys (BUNDLER_TRUSTED_KEYS); it reads signed "
+                     "bundles but does not push", self.key[:12])
             return None
         self.pushed = self._push(entries)
         return self.pushed
 
+    def _pulled_entries(self) -> dict[str, recording.Source]:
+        """The pulled bundle's members as they lie in the local caches now (for a follow-up push)."""
+        found: dict[str, recording.Source] = {}
+        for name in self._pulled_names:
+            try:
+                found[name] = recording.source_for(name, recording.local_path(name, self.settings))
+            except (OSError, KeyError):
+                continue  # cleaned meanwhile: the follow-up bundle simply lacks it
+        return recording.still_existing(found)
+
     def _push(self, entries: dict[str, recording.Source]) -> Any:
-        from bundler.remote import transfer
+        from bundler.remote import health, transfer
 
         extra = {"compile_key": self.key, "entries": len(entries), "time_taken_ns": _entries_time_ns(entries)}
-        try:
-            result = transfer.push(self._store_handle(), entries, ref=self.ref_name, ref_extra=extra,
-                                   settings=self.settings)
-        except StoreError as exc:  # the store failed: later writes (bundles and records) skip it
-            self._remote_failed("write", self.ref_name, exc)
-            log.info("compile %s: could not push its bundle; the next run compiles again", self.key[:12])
-            return None
-        except Exception as exc:
-            log.warning("compile %s: could not push its bundle (%s: %s); the next run compiles again",
-                        self.key[:12], type(exc).__name__, exc)
+
+        def push() -> Any:
+            return transfer.push(self._store_handle(), entries, ref=self.ref_name, ref_extra=extra,
+                                 settings=self.settings)
+
+        result = health.guarded(self.settings, "write", self.ref_name, push)
+        if result is None:
+            log.info("compile %s: bundle not pushed; the next run compiles again", self.key[:12])
             return None
         log.info("compile %s: pushed bundle %s (%d files, %d bytes%s)", self.key[:12], result.digest[:12],
                  len(entries), result.size, "" if result.uploaded else ", already in the store")
@@ -316,6 +382,20 @@ class CompileSession:
             recording.detach(self._recorder)
             return
         self.end()
+
+
+def _may_sign(settings: Settings) -> bool:
+    """False on a verify-only node: its unsigned ref would be refused by every other reader."""
+    if not settings.signing_configured:
+        return True
+    from bundler.remote import signing
+
+    try:
+        keys = signing.keyring(settings)
+    except ConfigError as exc:
+        log.warning("compile session: cannot load the signing keys (%s); not pushing", exc)
+        return False
+    return not keys.enabled or keys.can_sign
 
 
 def _settings_or_off(settings: Settings | None, what: str) -> tuple[Settings, bool]:

@@ -15,12 +15,14 @@ Object names: Triton's key is a hash and its file names are short, but the backe
 name to a valid store key (an exception here would fail Triton's compile), so a name that is not a
 plain file name, or is over 200 characters, is stored under ``sha256-<hash of the name>``.
 
-Failure policy: a store error is one warning, after which that kind of request (read or write)
-is skipped (the circuit breakers of ``bundler.remote.health``, shared with the per-kernel
-autotune cache), so Triton compiles as if the remote were empty.
+Failure policy (``bundler.remote.health.guarded``, shared with the per-kernel autotune cache and
+compile sessions): a dead or slow store costs at most the process's wait budget and one warning,
+after which the remote is skipped and Triton compiles as if it were empty. An oversized or
+otherwise unusable object is a miss for that file only; it says nothing about the store.
 
 Signing: these objects are compiled GPU code, stored one file at a time with no signature, so they
-cannot be verified. With ``BUNDLER_SIGNING_KEY`` set the backend therefore loads nothing (one
+cannot be verified. With any signing setting (``BUNDLER_SIGNING_KEY``, ``BUNDLER_SIGNING_KEY_FILE``,
+``BUNDLER_TRUSTED_KEYS``) the backend therefore loads nothing (one
 warning, then every lookup is a miss) and only writes; use signed compile-session bundles to share
 kernels between nodes that require signatures.
 """
@@ -33,9 +35,9 @@ import logging
 from triton.runtime.cache import RemoteCacheBackend
 
 from bundler.config import Settings
-from bundler.errors import ConfigError, NotFoundError
+from bundler.errors import ConfigError
 from bundler.remote import layout
-from bundler.remote.health import remote_failed, remote_usable, shared_store
+from bundler.remote.health import guarded, remote_usable, shared_store
 
 log = logging.getLogger(__name__)
 
@@ -79,38 +81,31 @@ class StoreRemoteCacheBackend(RemoteCacheBackend):
 
     def get(self, filenames: list[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
-        if self._settings is not None and self._settings.signing_key:
+        if self._settings is not None and self._settings.signing_configured:
             _refuse_unsigned()
             return found
         for filename in filenames:
             if not self._usable("read"):
                 break
-            object_key = filename
-            try:
-                object_key = triton_object_key(self._key, filename)
-                found[filename] = shared_store(self._settings).read_bytes(object_key)
-            except NotFoundError:
-                continue
-            except Exception as exc:
-                remote_failed(self._settings, "read", object_key, exc)  # type: ignore[arg-type]
+            object_key = triton_object_key(self._key, filename)
+            data = guarded(self._settings, "read", object_key,  # type: ignore[arg-type]
+                           lambda key=object_key: shared_store(self._settings).read_bytes(key))
+            if data is not None:
+                found[filename] = data
         return found
 
     def put(self, filename: str, data: bytes) -> None:
         if not self._usable("write"):
             return
-        object_key = filename
-        try:
-            object_key = triton_object_key(self._key, filename)
-            # Same key, same bytes: Triton's keys hash everything that shapes the output.
-            shared_store(self._settings).write_bytes(object_key, bytes(data), if_absent=True)
-        except Exception as exc:
-            remote_failed(self._settings, "write", object_key, exc)  # type: ignore[arg-type]
+        object_key = triton_object_key(self._key, filename)
+        # Same key, same bytes: Triton's keys hash everything that shapes the output.
+        guarded(self._settings, "write", object_key,  # type: ignore[arg-type]
+                lambda: shared_store(self._settings).write_bytes(object_key, bytes(data), if_absent=True))
 
 
 def _refuse_unsigned() -> None:
     global _unsigned_refused
     if not _unsigned_refused:
         _unsigned_refused = True
-        log.warning("Triton remote cache: BUNDLER_SIGNING_KEY is set, and kernel files in the store are "
-                    "not signed, so none are loaded; Triton compiles them (use compile-session bundles, "
-                    "whose refs are signed, to share kernels)")
+        log.warning("Triton remote cache: signing is configured (BUNDLER_SIGNING_KEY / _FILE / "
+                    "BUNDLER_TRUSTED_KEYS) and kernel files in the store are unsigned, so none are loaded")

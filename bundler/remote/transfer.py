@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 from bundler import keys
 from bundler.bundle import archive
 from bundler.bundle import manifest as manifest_format
+from bundler.bundle import reader as bundle_reader
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.placement import Destination, Placement
 from bundler.config import Settings
@@ -67,17 +68,46 @@ def upload(
     digest: str,
     size: int,
     *,
+    settings: Settings | None = None,
     progress: Progress = NULL_PROGRESS,
 ) -> bool:
-    """Create the bundle object unless it exists; True when this call uploaded it."""
+    """Create the bundle object unless an intact one exists; True when this call uploaded it.
+
+    Create-only writes alone would make a damaged object permanent: every node would download it,
+    warn and compile, and every push would find the key taken. So an object already there is
+    checked first, cheaply: its size, and (up to ``multipart_threshold`` bytes) its manifest
+    against the digest in its key. A damaged one is replaced; concurrent writers replacing it
+    write the same bytes, so the race is harmless.
+    """
+    settings = settings or Settings.from_env()
     key = layout.bundle_key(digest)
-    if store.exists(key):
-        log.info("bundle %s already in %s; not uploading", digest, store.url)
-        return False
+    found = store.head(key)
+    if found is not None:
+        damage = _damage(store, key, digest, found.size, size, settings)
+        if damage is None:
+            log.info("bundle %s already in %s; not uploading", digest, store.url)
+            return False
+        log.warning("bundle %s in %s is damaged (%s); replacing it", key, store.url, damage)
+        store.write(key, stream, size=size, progress=progress)
+        return True
     created = store.write(key, stream, size=size, if_absent=True, progress=progress)
     if not created:
         log.info("bundle %s was uploaded by another writer meanwhile", digest)
     return created
+
+
+def _damage(store: Store, key: str, digest: str, stored: int, expected: int, settings: Settings) -> str | None:
+    """Why the object at ``key`` is not the bundle ``digest`` of ``expected`` bytes, or None."""
+    if stored != expected:
+        return f"{stored} bytes, not {expected}"
+    if stored > settings.multipart_threshold:
+        return None  # reading its head would start a parallel download: the size has to do
+    try:
+        with store.open_read(key) as existing:
+            bundle_reader.read_manifest(existing, settings, digest)
+    except BundleError as exc:
+        return str(exc).splitlines()[0][:120]
+    return None
 
 
 def push(
@@ -93,11 +123,11 @@ def push(
     """Pack ``source``, upload it under its digest, and optionally point ``ref`` at it."""
     settings = settings or Settings.from_env()
     if ref is not None:
-        layout.check_name(ref)
+        _check_can_write_ref(ref, settings)
     if producer is None:
         producer = keys.producer_facts()
     with archive.packed(source, settings=settings, producer=producer) as (packed, stream):
-        uploaded = upload(store, stream, packed.digest, packed.compressed_size, progress=progress)
+        uploaded = upload(store, stream, packed.digest, packed.compressed_size, settings=settings, progress=progress)
     written = None
     if ref is not None:
         written = refs.write_ref(
@@ -105,6 +135,17 @@ def push(
             producer=packed.manifest.producer, extra=ref_extra, settings=settings,
         )
     return PushResult(packed.digest, packed.compressed_size, uploaded, packed.manifest, written)
+
+
+def _check_can_write_ref(ref: str, settings: Settings) -> None:
+    """Refuse before uploading anything when the ref could not be written afterwards: a bad name,
+    or a node that holds only public keys (every other reader would refuse its unsigned ref)."""
+    from bundler.remote import signing
+
+    layout.check_name(ref)
+    keys = signing.keyring(settings)
+    if keys.enabled:
+        keys.require_signer()
 
 
 def pull(
@@ -253,12 +294,12 @@ def import_file(
     """
     settings = settings or Settings.from_env()
     if ref is not None:
-        layout.check_name(ref)
+        _check_can_write_ref(ref, settings)
     with open(path, "rb") as f, tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
         man = _verify_copying(f, spool, settings)
         size = spool.tell()
         spool.seek(0)
-        uploaded = upload(store, spool, man.digest, size, progress=progress)
+        uploaded = upload(store, spool, man.digest, size, settings=settings, progress=progress)
     written = None
     if ref is not None:
         written = refs.write_ref(store, ref, man.digest, size, producer=man.producer, settings=settings)

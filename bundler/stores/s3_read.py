@@ -6,6 +6,12 @@ timeout) by asking again for exactly the missing range. Every re-request carries
 the ETag of the first response, so if the object is replaced mid-download the read fails cleanly
 instead of splicing two objects together. botocore's own retries cover failed *requests*; these
 cover failures while *reading a body*, which botocore cannot retry because it has already returned.
+
+Bodies are read with ``read1`` (what has arrived, up to a chunk) rather than ``read(n)``, which
+blocks until ``n`` bytes came: a server trickling a byte a second never trips the socket's read
+timeout, so only a check of the operation's deadline between reads can stop it. Every ranged answer
+must carry the ``Content-Range`` it was asked for: a server that ignores ``Range`` and sends the
+whole object is a store problem, and must not surface as a corrupt bundle.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, TypeVar
 
+from bundler import deadline
 from bundler.config import Settings
 from bundler.errors import StoreError
 from bundler.progress import Progress
@@ -62,12 +69,15 @@ class _RangeSource:
         params: dict[str, Any] = {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
         if self._etag:
             params["IfMatch"] = self._etag
-        return self.obj.call("GetObject", **params)["Body"]
+        response = self.obj.call("GetObject", **params)
+        _check_content_range(response, start, end, self.obj)
+        return response["Body"]
 
-    def retrying(self, what: str, attempt: Callable[[], T]) -> T:
+    def retrying(self, what: str, attempt: Callable[[], T], until: deadline.Deadline) -> T:
         """``attempt()``, repeated after transient body failures, at most ``max_attempts`` times."""
         failures = 0
         while True:
+            until.check(f"GetObject {self.obj.key} {what}")
             try:
                 return attempt()
             except Exception as exc:
@@ -84,14 +94,47 @@ class _RangeSource:
         logger.warning("s3://%s/%s: %s broke off (%s); re-requesting", self.obj.bucket, self.obj.key, what, exc)
 
 
-def _read_exactly(body: Any, n: int) -> bytes:
+def _check_content_range(response: dict[str, Any], start: int, end: int | None, obj: S3Object) -> None:
+    """A ranged GET must answer with the range asked for (``206`` and ``Content-Range``)."""
+    got = str(response.get("ContentRange") or "")
+    unit, _, rest = got.partition(" ")
+    span = rest.partition("/")[0]
+    first, _, last = span.partition("-")
+    wanted_last = None if end is None else end - 1
+    ok = unit == "bytes" and first.isdigit() and int(first) == start and last.isdigit() and (
+        wanted_last is None or int(last) == wanted_last
+    )
+    if not ok:
+        raise StoreError(
+            f"s3://{obj.bucket}/{obj.key} at {obj.ctx.endpoint}: asked for bytes {start}-"
+            f"{'' if wanted_last is None else wanted_last}, the server answered Content-Range {got or '(none)'}; "
+            "it does not support ranged reads properly. Raise BUNDLER_MULTIPART_THRESHOLD above the bundle "
+            "size to download in one request, or fix the server"
+        )
+
+
+def read_some(body: Any, n: int) -> bytes:
+    """Up to ``n`` bytes of ``body``: what has arrived, without waiting for all ``n``.
+
+    urllib3 2 has ``read1``; with urllib3 1.x this falls back to ``read``, which waits for all
+    ``n`` bytes, so readers ask for small pieces (64 KiB) there.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    read1 = getattr(raw, "read1", None)
+    if read1 is not None:
+        return read1(n)
+    return body.read(min(n, 64 << 10))
+
+
+def _read_exactly(body: Any, n: int, until: deadline.Deadline, key: str) -> bytes:
     """All ``n`` bytes of a ranged body; a short body is a transient failure like any other."""
     from botocore.exceptions import IncompleteReadError
 
     parts = []
     got = 0
     while got < n:
-        chunk = body.read(n - got)
+        until.check(f"GetObject {key}")
+        chunk = read_some(body, n - got)
         if not chunk:
             raise IncompleteReadError(actual_bytes=got, expected_bytes=n)
         parts.append(chunk)
@@ -129,8 +172,9 @@ class _StreamReader(ChunkReader):
         from botocore.exceptions import IncompleteReadError
 
         if self._body is None:
+            self.deadline.check(f"GetObject {self._source.obj.key}")
             self._body = self._source.get(self._offset)
-        chunk = self._body.read(min(STREAM_CHUNK, self._size - self._offset))
+        chunk = read_some(self._body, min(STREAM_CHUNK, self._size - self._offset))
         if not chunk:
             raise IncompleteReadError(actual_bytes=self._offset, expected_bytes=self._size)
         self._offset += len(chunk)
@@ -176,7 +220,7 @@ class _RangedReader(ChunkReader):
         return data
 
     def _fetch(self, start: int, end: int) -> bytes:
-        return self._source.retrying(f"range {start}-{end - 1}", lambda: self._fetch_once(start, end))
+        return self._source.retrying(f"range {start}-{end - 1}", lambda: self._fetch_once(start, end), self.deadline)
 
     def _fetch_once(self, start: int, end: int) -> bytes:
         # Part 0 comes from the already-open first response; a retry re-requests it as a range.
@@ -184,7 +228,7 @@ class _RangedReader(ChunkReader):
         if body is None:
             body = self._source.get(start, end)
         try:
-            return _read_exactly(body, end - start)
+            return _read_exactly(body, end - start, self.deadline, self._source.obj.key)
         finally:
             body.close()
 

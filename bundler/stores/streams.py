@@ -4,7 +4,8 @@ Backends only say how to get the next piece of bytes (``_next_chunk``) and how t
 resources (``_release``); this base turns that into a buffered, non-seekable binary stream that
 reports every byte handed to the caller to the :class:`~bundler.progress.Progress` subscriber.
 Reporting at delivery (not at arrival) means a parallel download's progress never runs ahead of
-what the caller has actually received.
+what the caller has actually received. The operation's deadline (:mod:`bundler.deadline`), taken
+when the stream opens, is checked before every chunk, so no caller reads past it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import io
 from typing import BinaryIO, cast
 
+from bundler import deadline
 from bundler.progress import Progress
 
 #: Buffer between the caller's small reads and the backend's chunks.
@@ -26,6 +28,7 @@ class ChunkReader(io.RawIOBase):
         self._progress = progress
         self._pending = memoryview(b"")
         self._eof = False
+        self.deadline = deadline.current()
         progress.start(total=total)
 
     def _next_chunk(self) -> bytes:
@@ -40,6 +43,7 @@ class ChunkReader(io.RawIOBase):
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         while not self._pending and not self._eof:
+            self.deadline.check("reading from the store")
             chunk = self._next_chunk()
             if chunk:
                 self._pending = memoryview(chunk)
