@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bundler.config import Settings
-from bundler.errors import BundleError, NotFoundError, SignatureError
+from bundler.errors import BundleError, ConfigError, IntegrityError, NotFoundError, SignatureError
 from bundler.fileio import write_atomically
 from bundler.remote import layout, signing
 from bundler.stores.base import Store
@@ -171,6 +171,10 @@ def _parse(store: Store, name: str, raw: bytes) -> Ref:
             raise TypeError("signature and producer facts must be strings")
         if type(ref.version) is not int or not 0 <= ref.version < 1 << 63:
             raise TypeError(f"version {ref.version!r} is not a non-negative 64-bit integer")
+    except ConfigError as exc:  # a digest that is not one: the ref was damaged or tampered with
+        raise IntegrityError(
+            f"ref {key} in {store.url} names no valid bundle digest ({exc}); push the bundle again to rewrite it"
+        ) from None
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise BundleError(f"ref {key} in {store.url} is malformed ({exc}); push the bundle again to rewrite it") from None
     return ref
