@@ -30,14 +30,14 @@ class FullDisk(FileOps):
 
 
 class ReadOnlyPublish(FileOps):
-    def replace(self, src: str, dst: str) -> None:
+    def replace(self, src: str, dst: str, **kw: object) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
     link = replace
 
 
 class NoHardLinks(FileOps):
-    def link(self, src: str, dst: str) -> None:
+    def link(self, src: str, dst: str, **kw: object) -> None:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
 
@@ -80,24 +80,102 @@ def test_keys_that_could_escape_or_alias_are_rejected(tmp_path: Path, key: str) 
     assert all_files(tmp_path) == []
 
 
-def test_without_hard_links_create_only_still_has_one_winner(tmp_path: Path) -> None:
+def test_without_hard_links_concurrent_create_only_writers_leave_one_whole_object(tmp_path: Path) -> None:
+    """Without hard links there is no race-free create-only rename; for the content-addressed keys
+    create-only writes serve, every writer writes the same bytes, so all that matters is that the
+    object is whole, at least one writer reports creating it, and nothing is left beside it."""
     store = LocalStore(tmp_path, ops=NoHardLinks())
     writers = 8
+    payload = os.urandom(300_000)
     barrier = threading.Barrier(writers)
     results: list[bool] = []
 
-    def write(i: int) -> None:
+    def write() -> None:
         barrier.wait()
-        results.append(store.write_bytes("race", str(i).encode() * 1000, if_absent=True))
+        results.append(store.write_bytes("race", payload, if_absent=True))
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    threads = [threading.Thread(target=write) for _ in range(writers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(results) == [False] * (writers - 1) + [True]
+    assert len(results) == writers and any(results)
+    assert (tmp_path / "race").read_bytes() == payload
     assert store.write_bytes("race", b"later", if_absent=True) is False
-    assert all_files(tmp_path) == ["race"]  # no temp or claim files left
+    assert (tmp_path / "race").read_bytes() == payload
+    assert all_files(tmp_path) == ["race"]  # no temp files left
+
+
+def test_without_hard_links_a_crashed_writers_leftovers_never_block_create_only_writes(tmp_path: Path) -> None:
+    """The claim file a crash used to leave made every later create-only write answer "already
+    there" for a key that was missing, and push then moved the ref to a bundle that did not exist."""
+    from bundler.config import Settings
+    from bundler.remote import layout, transfer
+
+    (tmp_path / "v1" / "bundles").mkdir(parents=True)
+    files = {"k/a.bin": os.urandom(5000)}
+    digest = transfer.push(LocalStore(tmp_path / "probe"), files, settings=Settings(zstd_threads=1)).digest
+    name = Path(layout.bundle_key(digest)).name
+    for leftover in (f".claim-{name}", f".tmp-0123456789abcdef-{name}"):  # what a kill between steps left
+        (tmp_path / "v1" / "bundles" / leftover).write_bytes(b"")
+    store = LocalStore(tmp_path, ops=NoHardLinks())
+    pushed = transfer.push(store, files, ref="r", settings=Settings(zstd_threads=1))
+    assert pushed.uploaded
+    assert store.head(layout.bundle_key(pushed.ref.digest)) is not None  # the ref names a bundle that is there
+    assert store.write_bytes("v1/bundles/other", b"x", if_absent=True) is True
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _age(path: Path, seconds: float) -> None:
+    import time
+
+    then = time.time() - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+
+
+def test_temp_files_of_killed_writers_are_swept_by_the_next_write_into_that_folder(tmp_path: Path) -> None:
+    from bundler.stores import local
+
+    folder = tmp_path / "v1" / "bundles"
+    folder.mkdir(parents=True)
+    host = local._HOST
+    planted = {
+        f".tmp-{host}-{_dead_pid()}-0011223344556677-a.tar.zst": (120, False),  # dead writer on this host
+        f".tmp-{host}-{_dead_pid()}-8899aabbccddeeff-b.tar.zst": (5, True),  # dead, but only just: grace
+        f".tmp-{host}-{os.getppid()}-0123456789abcdef-c.tar.zst": (1800, True),  # live writer on this host
+        f".tmp-otherhost-{_dead_pid()}-0123456789abcdef-d.tar.zst": (1800, True),  # other host: the hour rule
+        ".tmp-otherhost-1-0123456789abcdef-e.tar.zst": (7200, False),  # other host, over an hour
+        ".tmp-0123456789abcdef-f.tar.zst": (7200, False),  # older name form, over an hour
+    }
+    for name, (age, _) in planted.items():
+        (folder / name).write_bytes(b"partial")
+        _age(folder / name, age)
+    (tmp_path / "v1" / ".tmp-elsewhere").write_bytes(b"not in the folder written to")
+    _age(tmp_path / "v1" / ".tmp-elsewhere", 7200)
+    LocalStore(tmp_path).write_bytes("v1/bundles/new", b"x")
+    left = sorted(p.name for p in folder.iterdir())
+    assert left == sorted(["new"] + [name for name, (_, kept) in planted.items() if kept])
+    assert (tmp_path / "v1" / ".tmp-elsewhere").exists()
+
+
+def test_a_link_planted_as_a_temp_file_is_removed_without_following_it(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    folder = tmp_path / "store" / "v1"
+    folder.mkdir(parents=True)
+    (folder / ".tmp-x").symlink_to(victim)
+    _age(folder / ".tmp-x", 7200)
+    LocalStore(tmp_path / "store").write_bytes("v1/k", b"x")
+    assert victim.read_bytes() == b"keep"
+    assert sorted(p.name for p in folder.iterdir()) == ["k"]
 
 
 def test_listing_skips_temp_files_of_writers_in_progress(tmp_path: Path) -> None:

@@ -181,7 +181,7 @@ def test_ranks_of_one_node_download_a_bundle_once(tmp_path, src, small_settings)
     pushed = transfer.push(store._inner, src, ref="r", settings=small_settings)
     node = tmp_path / "node-state"
 
-    def rank(_):  # threads hold separate filelock instances, as processes would
+    def rank(_):  # threads take separate node locks, as processes would
         return transfer.pull(store, tmp_path / "cache", ref="r", settings=small_settings, node_state=node)
 
     with ThreadPoolExecutor(4) as pool:

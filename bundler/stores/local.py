@@ -11,9 +11,11 @@ import contextlib
 import datetime as dt
 import errno
 import logging
+import math
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -27,8 +29,18 @@ from bundler.stores.streams import ChunkReader
 
 logger = logging.getLogger(__name__)
 
-#: Temp files and create-only claims start with this; keys may not (see :func:`key_path`).
+#: Temp files start with this; keys may not (see :func:`key_path`).
 _HIDDEN = "."
+_TMP_PREFIX = f"{_HIDDEN}tmp-"
+#: Temp files older than this were left by a killed writer (on any host) and are removed.
+STALE_TEMP_SECONDS = 3600
+#: A temp file of a dead pid on this host is removed once it is this old: a live writer's file
+#: changes as it writes, and the age also covers hosts that share a name but not their pids
+#: (containers of one pod).
+_DEAD_WRITER_GRACE_S = 60
+_SWEEP_EVERY_S = 60.0
+#: This host, as it appears in temp file names: letters, digits, '.' and '_' only.
+_HOST = "".join(c if c.isalnum() or c in "._" else "_" for c in os.uname().nodename)[:64] or "host"
 _COPY_CHUNK = 1 << 20
 # link() errors that mean "this filesystem has no hard links", not "the name is taken".
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
@@ -76,6 +88,7 @@ class LocalStore(Store):
         self.root = Path(root).expanduser().absolute()
         self.url = self.root.as_uri()
         self._ops = ops or FileOps()
+        self._swept: dict[Path, float] = {}  # folder -> when this store last swept it (monotonic)
 
     @classmethod
     def from_url(cls, url: str) -> LocalStore:
@@ -145,16 +158,19 @@ class LocalStore(Store):
 
         Steps, and why:
         1. temp file in the target's folder: same filesystem, so publishing is a rename, not a copy;
+           its name carries this host and pid, so a later writer can tell a killed writer's leftover
+           from a live one's file (:func:`_abandoned_temp`) and sweeps it;
         2. fsync before publishing: a crash never leaves a published file with missing bytes;
         3. publish with ``link`` for create-only writes (fails with EEXIST when another writer won,
            race-free), with ``replace`` otherwise;
         4. the temp file is removed whatever happens, so a full disk leaves nothing behind.
         """
         path = key_path(self.root, key)
-        tmp = path.with_name(f"{_HIDDEN}tmp-{secrets.token_hex(8)}-{path.name}")
+        tmp = path.with_name(f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-{secrets.token_hex(8)}-{path.name}")
         progress.start(total=size)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._sweep(path.parent)
             self._copy_to(tmp, stream, progress)
             if if_absent:
                 return self._publish_if_absent(tmp, path)
@@ -181,6 +197,15 @@ class LocalStore(Store):
             os.close(fd)
 
     def _publish_if_absent(self, tmp: Path, path: Path) -> bool:
+        """Create-only publish: ``link`` where the filesystem has hard links, else check-then-replace.
+
+        Without hard links (some FUSE, SMB and FAT mounts) there is no race-free create-only
+        rename, and no lock is used instead: a lock file left by a crash would make every later
+        create-only write answer "already there" while the object is missing. Two writers that
+        both find the key absent may then both publish. Create-only writes are for
+        content-addressed keys (bundles, Triton files), where both write the same bytes and each
+        reader sees one whole file either way.
+        """
         try:
             self._ops.link(str(tmp), str(path))
         except FileExistsError:
@@ -188,36 +213,60 @@ class LocalStore(Store):
         except OSError as exc:
             if exc.errno not in _NO_LINKS:
                 raise
-            logger.debug("no hard links under %s (%s); create-only write uses a claim file", self.root, exc)
-            return self._publish_with_claim(tmp, path)
+            logger.debug("no hard links under %s (%s); create-only write checks, then replaces", self.root, exc)
+            if os.path.lexists(path):
+                return False
+            self._ops.replace(str(tmp), str(path))
         _fsync_dir(path.parent)
         return True
 
-    def _publish_with_claim(self, tmp: Path, path: Path) -> bool:
-        """Create-only publish for filesystems without hard links (some FUSE, SMB and FAT mounts).
+    def _sweep(self, folder: Path) -> None:
+        """Remove temp files that killed writers left in ``folder`` (at most once a minute per folder).
 
-        An ``O_EXCL`` claim file serialises the writers of one key: the claim holder publishes
-        unless the key already exists; a writer that finds the claim taken reports "already there",
-        because the holder's temp file is complete before it claims. If the holder crashes between
-        claiming and publishing, its claim stays behind and must be removed by hand.
+        A SIGKILL between creating a temp file and publishing it leaves the file behind; nothing
+        else ever removes it. Best effort: a failure here never fails the write.
         """
-        claim = path.with_name(f"{_HIDDEN}claim-{path.name}")
+        now = time.monotonic()
+        if now - self._swept.get(folder, -math.inf) < _SWEEP_EVERY_S:
+            return
+        self._swept[folder] = now
+        cutoff = time.time() - STALE_TEMP_SECONDS
         try:
-            os.close(os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            return False
-        try:
-            if path.exists():
-                return False
-            self._ops.replace(str(tmp), str(path))
-            _fsync_dir(path.parent)
-            return True
-        finally:
-            claim.unlink()
+            with os.scandir(folder) as entries:
+                stale = [
+                    e.name for e in entries
+                    if e.name.startswith(_TMP_PREFIX) and not e.is_dir(follow_symlinks=False)
+                    and _abandoned_temp(e.name, e.stat(follow_symlinks=False).st_mtime, cutoff)
+                ]
+        except OSError:
+            return
+        for name in stale:
+            logger.info("removing %s, left behind by an interrupted write", folder / name)
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             key_path(self.root, key).unlink()
+
+
+def _abandoned_temp(name: str, mtime: float, cutoff: float) -> bool:
+    """Left by a writer that is gone: a dead pid on this host (after a short grace), else after an hour.
+
+    Hosts sharing one store folder cannot see each other's processes, and a pid can be reused, so
+    the hour stays the rule for everything this host cannot rule out.
+    """
+    parts = name[len(_TMP_PREFIX) :].split("-", 3)
+    if len(parts) == 4 and parts[0] == _HOST and parts[1].isdigit():
+        pid = int(parts[1])
+        if pid > 0 and pid != os.getpid() and mtime < time.time() - _DEAD_WRITER_GRACE_S:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            except OSError:
+                pass  # alive, owned by another user
+    return mtime < cutoff
 
 
 def _info(key: str, st: os.stat_result) -> ObjectInfo:

@@ -21,6 +21,7 @@ from the URL, so URLs can be logged. Timeouts, retries and transfer sizes come f
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -159,3 +160,39 @@ class S3Store(Store):
 
     def delete(self, key: str) -> None:
         self._object(key).call("DeleteObject")
+
+    # --- housekeeping --------------------------------------------------------------------------
+
+    def abort_stale_uploads(self, older_than: float | dt.timedelta) -> list[str]:
+        """Abort multipart uploads under this store's prefix started more than ``older_than`` ago.
+
+        Why: an upload whose process was killed (OOM, SIGKILL, a lost node) never completes or
+        aborts; its parts are invisible to readers but billed until a bucket lifecycle rule
+        (``AbortIncompleteMultipartUpload``) removes them, and many buckets have none. ``bundler gc``
+        calls this. Keep ``older_than`` well above the longest upload (an hour is plenty): a
+        younger upload may be a live push that aborting would fail. ``older_than`` is seconds or a
+        timedelta. Returns the keys (relative to the store) of the uploads aborted; an upload
+        that completed or was aborted by someone else meanwhile is skipped.
+        """
+        age = older_than if isinstance(older_than, dt.timedelta) else dt.timedelta(seconds=older_than)
+        if age < dt.timedelta(0):
+            raise ConfigError(f"older_than={older_than!r}: an age cannot be negative")
+        cutoff = dt.datetime.now(dt.timezone.utc) - age
+        root = f"{self.prefix}/" if self.prefix else ""
+        stale: list[tuple[str, str]] = []
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        with translated("ListMultipartUploads", root, self._ctx):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
+                for upload in page.get("Uploads", ()):
+                    if upload["Key"].startswith(root) and upload["Initiated"] <= cutoff:
+                        stale.append((upload["Key"][len(root) :], upload["UploadId"]))
+        aborted = []
+        for key, upload_id in stale:
+            try:
+                self._object(key).call("AbortMultipartUpload", UploadId=upload_id)
+            except NotFoundError:
+                continue  # completed or aborted meanwhile
+            logger.info("aborted multipart upload %s of %s in %s, left by an interrupted push",
+                        upload_id, key, self.url)
+            aborted.append(key)
+        return aborted

@@ -178,6 +178,7 @@ def _permission(action: str) -> str:
         "UploadPart": "PutObject",
         "CompleteMultipartUpload": "PutObject",
         "AbortMultipartUpload": "AbortMultipartUpload",
+        "ListMultipartUploads": "ListBucketMultipartUploads",
     }.get(action, action)
 
 
