@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bundler import keys, recording
+from bundler import keys, logs, recording
 from bundler.config import Settings
 from bundler.errors import ConfigError
 from bundler.fileio import write_atomically
@@ -290,11 +290,12 @@ class AutotuneCache:
         key). ``filename``: the kernel's source file; only its basename is used, so the same
         kernel hits from any checkout path.
         """
+        logs.from_env()  # BUNDLER_LOG, for jobs that tune without a compile session
         if settings is None:
             try:
                 settings = Settings.from_env()
             except ConfigError as exc:
-                log.warning("autotune cache off: %s", exc)
+                log.warning("autotune cache off: %s", logs.one_line(exc))
                 return None
         cache = cls(cls.make_key(meta, filename, settings), configs_hash, settings)
         return cache if cache.local_enabled or cache.remote_enabled else None
@@ -337,7 +338,7 @@ class AutotuneCache:
         try:
             best = self._select(record, configs) if record is not None else None
         except (TypeError, ValueError) as exc:  # well-typed, yet unusable here (e.g. unknown options)
-            log.warning("autotune cache %s: the stored config cannot be used (%s); tuning again", self.key[:12], exc)
+            log.warning("autotune cache %s: the stored config cannot be used (%s); tuning again", self.key[:12], logs.one_line(exc))
             best = None
         if best is None:
             _count(misses=1)
@@ -393,7 +394,7 @@ class AutotuneCache:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("autotune cache: cannot read %s (%s); treating it as a miss", self.local_path, exc)
+            log.warning("autotune cache: cannot read %s (%s); treating it as a miss", self.local_path, logs.one_line(exc))
             return None
 
     def _trusted(self, record: Mapping[str, Any]) -> bool:
@@ -458,7 +459,7 @@ class AutotuneCache:
             if keys.enabled:
                 record["signature"] = keys.sign(RECORD_KIND, self.key, _signed_body(record))
         except ConfigError as exc:
-            log.warning("autotune cache: record %s is kept local, not pushed: %s", self.key[:12], exc)
+            log.warning("autotune cache: record %s is kept local, not pushed: %s", self.key[:12], logs.one_line(exc))
             return False
         return True
 
@@ -468,7 +469,7 @@ class AutotuneCache:
         try:
             write_atomically(path, data)
         except OSError as exc:
-            log.warning("autotune cache: cannot write %s (%s); the result is kept only in memory", path, exc)
+            log.warning("autotune cache: cannot write %s (%s); the result is kept only in memory", path, logs.one_line(exc))
 
     # pickling ------------------------------------------------------------------------------------
 

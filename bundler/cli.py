@@ -159,11 +159,21 @@ def _progress(args: argparse.Namespace, description: str):
 def cmd_push(args: argparse.Namespace) -> int:
     from bundler.remote import transfer
 
+    if not args.allow_empty and Path(args.dir).is_dir() and not _has_files(Path(args.dir)):
+        raise ConfigError(
+            f"{args.dir} holds no files, so the bundle would be empty (under TRITON_INTERPRET=1 Triton writes no "
+            "kernel cache; the autotune records are in $BUNDLER_CACHE_DIR/autotune). Push another folder, use "
+            "`bundler warm`, or pass --allow-empty"
+        )
     store, settings = _store(args)
     with store:
         result = transfer.push(store, Path(args.dir), ref=args.ref, settings=settings, progress=_progress(args, "push"))
     print(result.digest)
     return EXIT_OK
+
+
+def _has_files(top: Path) -> bool:
+    return any(files for _, _, files in os.walk(top))
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -206,24 +216,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from bundler.errors import NotFoundError
-    from bundler.remote import refs, transfer
-    from bundler.stores import LocalStore
+    from bundler.remote import transfer
 
     store, settings = _store(args)
-    if isinstance(store, LocalStore) and not store.root.is_dir():
-        # Like S3's NoSuchBucket: a typo in the path must not look like an empty store.
-        raise NotFoundError(f"store folder {store.root} does not exist; check --remote / BUNDLER_REMOTE")
+    _check_store_exists(store)
     with store:
         listing = transfer.list_remote(store)
-        ref_docs = []
-        for name, info in listing.refs:
-            try:
-                ref = refs.read_ref(store, name, settings)
-                target = {"digest": ref.digest, "bundle_size": ref.size}
-            except Exception as exc:  # a bad ref is shown as such, not fatal to the listing
-                target = {"error": str(exc)}
-            ref_docs.append({"name": name, "modified": _date(info), **target})
+        ref_docs = [{**_ref_doc(store, name, settings), "modified": _date(info)} for name, info in listing.refs]
     bundles = [{"digest": d, "size": i.size, "modified": _date(i)} for d, i in listing.bundles]
     if args.json:
         print(json.dumps({"refs": ref_docs, "bundles": bundles}, indent=2))
@@ -231,14 +230,238 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"refs ({len(ref_docs)}):")
     for doc in ref_docs:
         print(f"  {doc['name']:<40} -> {doc.get('digest', doc.get('error'))}  {doc['modified']}")
+        if "digest" in doc:
+            print(f"      {_ref_line(doc)}")
     print(f"bundles ({len(bundles)}):")
     for doc in bundles:
         print(f"  {doc['digest']}  {doc['size']:>12}  {doc['modified']}")
     return EXIT_OK
 
 
+def _check_store_exists(store) -> None:  # noqa: ANN001 - any Store
+    from bundler.errors import NotFoundError
+    from bundler.stores import LocalStore
+
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        # Like S3's NoSuchBucket: a typo in the path must not look like an empty store.
+        raise NotFoundError(f"store folder {store.root} does not exist; check --remote / BUNDLER_REMOTE")
+
+
+def _ref_doc(store, name: str, settings) -> dict:  # noqa: ANN001 - Store, Settings
+    """A ref as ``ls`` / ``show`` print it; a ref that does not read is shown with its error."""
+    from bundler.remote import refs
+
+    try:
+        ref = refs.read_ref(store, name, settings)
+    except Exception as exc:  # noqa: BLE001 - a bad ref is shown as such, not fatal to the listing
+        return {"name": name, "error": str(exc).splitlines()[0][:200]}
+    extra = dict(ref.extra)
+    return {
+        "name": name, "digest": ref.digest, "bundle_size": ref.size, "created": ref.created,
+        "version": ref.version, "signed": ref.signature is not None, "producer": dict(ref.producer),
+        "extra": extra, "host": extra.get("host"), "command": extra.get("command"),
+        "compile_key": extra.get("compile_key"), "entries": extra.get("entries", extra.get("files")),
+        "tuning_s": round(int(extra.get("time_taken_ns") or 0) / 1e9, 3),
+    }
+
+
+def _ref_line(doc: dict) -> str:
+    """One line of who made a ref: producer, compile key, entries, tuning time saved."""
+    parts = [f"by {doc.get('host') or '?'}"]
+    if doc.get("command"):
+        command = doc["command"]
+        parts.append(f"({command if len(command) <= 50 else command[:47] + '...'})")
+    if doc.get("compile_key"):
+        parts.append(f"key {doc['compile_key'][:12]}")
+    parts.append(f"{doc.get('entries') if doc.get('entries') is not None else '?'} entries")
+    parts.append(f"tuning {doc['tuning_s']:.1f} s")
+    return "  ".join(parts)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from bundler.remote import refs
+
+    store, settings = _store(args)
+    with store:
+        ref = refs.read_ref(store, args.ref, settings)
+        doc = {**_ref_doc(store, args.ref, settings), **ref.body(), "signature": ref.signature}
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+        return EXIT_OK
+    for key in ("name", "digest", "bundle_size", "created", "version", "signed", "compile_key", "entries", "tuning_s"):
+        print(f"{key + ':':<14}{doc.get(key)}")
+    for key, value in sorted(doc["producer"].items()):
+        print(f"producer.{key}: {value}")
+    for key, value in sorted(doc["extra"].items()):
+        print(f"extra.{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from bundler.errors import NotFoundError
+    from bundler.remote import layout
+
+    store, _ = _store(args)
+    key = layout.ref_key(args.ref)
+    with store:
+        if not store.exists(key):
+            raise NotFoundError(f"ref {args.ref} ({key}) is not in {store.url}")
+        store.delete(key)
+    log.info("deleted ref %s; its bundle stays until `bundler gc` finds no ref naming it", args.ref)
+    print(args.ref)
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from bundler.remote import gc
+
+    policy = gc.Policy(
+        keep_last=args.keep_last,
+        older_than=gc.parse_duration(args.older_than, "--older-than") if args.older_than else None,
+        grace=gc.parse_duration(args.grace, "--grace") if args.grace else gc.DEFAULT_GRACE_S,
+    )
+    store, _ = _store(args)
+    _check_store_exists(store)
+    with store:
+        refs_found, bundles = gc.gather(store)
+        plan = gc.plan(refs_found, bundles, policy, dt.datetime.now(dt.timezone.utc))
+        outcome = gc.execute(store, plan) if args.yes else None
+    if args.json:
+        print(json.dumps({"plan": plan.to_json(), "executed": outcome.to_json() if outcome else None}, indent=2))
+        return EXIT_OK
+    verb = "deleted" if outcome else "would delete"
+    for ref, why in plan.delete_refs:
+        print(f"{verb} ref    {ref.name}  ({why})")
+    for bundle in plan.delete_bundles:
+        print(f"{verb} bundle {bundle.digest}  {bundle.size} bytes  (no ref names it)")
+    for name, why in outcome.spared if outcome else ():
+        print(f"kept {name} after all: {why}")
+    kept = len(plan.keep_bundles) + (len(outcome.spared) if outcome else 0)
+    print(f"{len(plan.delete_refs)} refs and {len(plan.delete_bundles)} bundles ({plan.freed_bytes} bytes) "
+          f"{'deleted' if outcome else 'to delete'}; {len(plan.keep_refs)} refs and {kept} bundles kept"
+          + ("" if outcome else ". This was a dry run: add --yes to delete"))
+    return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    settings = _settings(args)
+    root = settings.cache_dir
+    older = _duration(args.older_than) if args.older_than else None
+    if args.prune and older is None:
+        raise ConfigError("--prune needs --older-than DURATION (for example 30d): what counts as old is yours to say")
+    now = time.time()
+    doc: dict = {"cache_dir": str(root), "folders": {}, "pruned": []}
+    for name in ("autotune", "pulled", "refs-seen"):
+        folder = root / name
+        entries = sorted(folder.iterdir()) if folder.is_dir() else []
+        old = [e for e in entries if older is not None and now - _mtime(e) > older]
+        doc["folders"][name] = {"entries": len(entries), "bytes": sum(_size(e) for e in entries),
+                                "old": len(old)}
+        if args.prune and name != "refs-seen":  # refs-seen is replay protection: never pruned
+            for entry in old:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                doc["pruned"].append(str(entry))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    print(f"{root}:")
+    for name, facts in doc["folders"].items():
+        note = f", {facts['old']} older than {args.older_than}" if older is not None else ""
+        print(f"  {name + '/':<11} {facts['entries']:>7} entries {facts['bytes']:>12} bytes{note}")
+    if args.prune:
+        print(f"pruned {len(doc['pruned'])} entries (refs-seen/ is never pruned: it is replay protection)")
+    return EXIT_OK
+
+
+def _duration(text: str) -> float:
+    from bundler.remote import gc
+
+    return gc.parse_duration(text, "--older-than")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+        return path.lstat().st_size
+    except OSError:
+        return 0
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    from bundler import session
+
+    command = list(args.cmd)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise ConfigError("warm needs a command after '--', for example: bundler warm --ref NAME -- python train.py")
+    store, settings = _store(args)
+    roots = session.warm_roots(settings)
+    for extra in args.with_ or ():
+        roots.update(_integration_roots(extra, settings))
+    with store:
+        result = session.warm(command, ref=args.ref, settings=settings, store=store, roots=roots,
+                              everything=args.all)
+    doc = {"exit_code": result.exit_code, "ref": args.ref,
+           "pulled": result.pulled.digest if result.pulled else None,
+           "pushed": result.pushed.digest if result.pushed else None,
+           "added": len(result.added), "left_out": result.left_out}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    elif result.pushed or result.pulled:
+        print((result.pushed or result.pulled).digest)
+    return result.exit_code
+
+
+def _integration_roots(name: str, settings) -> dict[str, Path]:  # noqa: ANN001 - Settings
+    """``--with NAME``: the cache folders integration ``bundler.integrations.NAME`` declares for warm.
+
+    The hook is a function ``warm_roots(settings) -> {bundle root: folder}`` in that module; an
+    integration without one cannot be warmed this way yet.
+    """
+    import importlib
+
+    try:
+        module = importlib.import_module(f"bundler.integrations.{name}")
+    except ImportError as exc:
+        raise ConfigError(f"--with {name}: no integration bundler.integrations.{name} ({exc})") from None
+    hook = getattr(module, "warm_roots", None)
+    if hook is None:
+        raise ConfigError(f"--with {name}: bundler.integrations.{name} declares no warm_roots(settings) yet")
+    return dict(hook(settings))
+
+
 def _date(info) -> str | None:
     return info.modified.isoformat(timespec="seconds") if info.modified else None
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """The torch.compile integration's verdict for this machine: hit (exit 0), or miss / refused (exit 3)
+    with the nearest bundle and every fact that differs (``torch 2.13.0 here, 2.12.1 in the bundle``)."""
+    from bundler.integrations import torch as torch_cache
+
+    settings = _settings(args)
+    if args.remote:
+        settings = settings.replace(remote=args.remote)
+    verdict = torch_cache.explain(settings=settings, ref=args.ref, tag=args.tag)
+    print(verdict)
+    return EXIT_OK if verdict.startswith("hit") else EXIT_NOT_FOUND
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -298,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bundler",
         description="Pack, verify and ship GPU compile caches as content-addressed bundles.",
-        formatter_class=_HelpFormatter,
+        formatter_class=_EpilogFormatter,
+        epilog=_epilog(),
     )
     parser.add_argument("--version", action="version", version=f"kernel-bundler {__version__}")
     _add_output_flags(parser, verbose=0, quiet=False)
@@ -308,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="bundler")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_HelpFormatter)
+        example = EXAMPLES.get(name)
+        p = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_EpilogFormatter,
+                           epilog=f"example:\n  {example}\n\n{EXIT_CODES}" if example else EXIT_CODES)
         p.set_defaults(func=func)
         return p
 
@@ -352,7 +578,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("push", cmd_push, "pack a directory and upload it; prints the digest")
     p.add_argument("dir", help="directory to pack")
     p.add_argument("--ref", help="point this ref name at the bundle")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="push even when the directory holds no files (refused by default: an empty bundle is a mistake)")
     remote(p)
+
+    p = command("warm", cmd_warm, "pull a ref into the caches, run a command, push what it added to the ref")
+    p.add_argument("--ref", required=True, help="the ref to pull first and move to the new bundle (the job's BUNDLER_REF)")
+    p.add_argument("--all", action="store_true",
+                   help="bundle every file in the cache folders, not only what was pulled or the run wrote")
+    p.add_argument("--with", dest="with_", action="append", metavar="INTEGRATION",
+                   help="also warm the cache folders an integration declares (e.g. torch, once it has warm_roots)")
+    p.add_argument("--json", action="store_true", help="print what happened as JSON")
+    remote(p)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command to run (after --)")
 
     p = command("pull", cmd_pull, "download, verify and unpack a bundle into a directory")
     target(p)
@@ -370,13 +608,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="point this ref name at the bundle")
     remote(p)
 
-    p = command("ls", cmd_ls, "list refs and bundles in the store")
+    p = command("ls", cmd_ls, "list refs (with who made them) and bundles in the store")
     p.add_argument("--json", action="store_true", help="print JSON")
+    remote(p)
+
+    p = command("show", cmd_show, "print everything a ref records: bundle, producer, versions, command, counts")
+    p.add_argument("ref", help="ref name (see `bundler ls`)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    remote(p)
+
+    p = command("rm", cmd_rm, "delete a ref (its bundle goes at the next `bundler gc` if no other ref names it)")
+    p.add_argument("ref", help="ref name (see `bundler ls`)")
+    remote(p)
+
+    p = command("gc", cmd_gc, "delete old refs and unreferenced bundles; a dry run unless --yes")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N refs of each prefix (the part before the last '/')")
+    p.add_argument("--older-than", metavar="DURATION", help="delete refs not written for DURATION (e.g. 30d, 12h)")
+    p.add_argument("--grace", metavar="DURATION",
+                   help="delete unreferenced bundles only when older than this (default 1h: a push in flight is safe)")
+    p.add_argument("--yes", action="store_true", help="delete; without it gc only prints the plan")
+    p.add_argument("--json", action="store_true", help="print the plan (and what was deleted) as JSON")
+    remote(p)
+
+    p = command("cache", cmd_cache, "show this machine's BUNDLER_CACHE_DIR (autotune/, pulled/, refs-seen/)")
+    p.add_argument("--older-than", metavar="DURATION", help="count (and with --prune delete) entries older than this")
+    p.add_argument("--prune", action="store_true", help="delete autotune/ and pulled/ entries older than --older-than")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("explain", cmd_explain, "say whether this machine's torch.compile caches would hit, and why not")
+    p.add_argument("--ref", help="ref prefix naming the job (default BUNDLER_REF, else 'torch')")
+    p.add_argument("--tag", help="user salt (default BUNDLER_TAG)")
     remote(p)
 
     p = command("keygen", cmd_keygen, "write a new Ed25519 signing key pair (PATH and PATH.pub)")
     p.add_argument("path", help="where to write the private key (mode 0600); the public key goes to PATH.pub")
     return parser
+
+
+EXIT_CODES = """exit codes:
+  0 success   2 usage error   3 not found   4 integrity or safety rejection
+  5 storage unreachable or denied   1 anything else   (warm: the command's own exit code)"""
+
+#: One example per verb, printed by ``bundler VERB --help`` and ``bundler --help``.
+EXAMPLES = {
+    "pack": "bundler pack ~/.triton/cache -o cache.tar.zst",
+    "unpack": "bundler unpack cache.tar.zst --into ~/.triton/cache",
+    "verify": "bundler verify cache.tar.zst --digest HEX",
+    "inspect": "bundler inspect cache.tar.zst --files",
+    "push": "bundler push ~/.triton/cache --ref llama-70b/h100",
+    "warm": "bundler warm --ref llama-70b/h100 -- python train.py --steps 1",
+    "pull": "bundler pull --ref llama-70b/h100 --into ~/.triton/cache",
+    "export": "bundler export --ref llama-70b/h100 -o offline.tar.zst",
+    "import": "bundler import offline.tar.zst --ref llama-70b/h100",
+    "ls": "bundler ls --json",
+    "show": "bundler show llama-70b/h100",
+    "rm": "bundler rm llama-70b/old",
+    "gc": "bundler gc --keep-last 5 --older-than 30d --yes",
+    "cache": "bundler cache --older-than 30d --prune",
+    "explain": "bundler explain --ref llama-train",
+    "keygen": "bundler keygen ~/.config/kernel-bundler/signing.pem",
+}
+
+
+def _epilog() -> str:
+    from bundler.config import _ENV_NAMES
+
+    examples = "\n".join(f"  {line}" for line in EXAMPLES.values())
+    names = sorted(set(_ENV_NAMES.values()))
+    env = "\n".join("  " + " ".join(names[i:i + 3]) for i in range(0, len(names), 3))
+    return (f"examples:\n{examples}\n\n{EXIT_CODES}\n\nenvironment (documented in bundler.config.Settings):\n{env}\n"
+            "  AWS_* (credentials, profile, AWS_ENDPOINT_URL), as boto3 reads them")
+
+
+class _EpilogFormatter(_HelpFormatter):
+    """Keeps the epilog's line breaks (examples, exit codes); wraps the rest as argparse does."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        out = []
+        for line in text.splitlines():
+            lead = indent + line[: len(line) - len(line.lstrip())]
+            out.append(textwrap.fill(line.strip(), width, initial_indent=lead, subsequent_indent=lead + "  ")
+                       if line.strip() else "")
+        return "\n".join(out) + "\n"
 
 
 def _add_output_flags(p: argparse.ArgumentParser, *, verbose: object, quiet: object) -> None:
@@ -448,22 +763,45 @@ def _within_timeout(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("bundler: %(levelname)s: %(message)s"))
-    root = logging.getLogger("bundler")
-    root.addHandler(handler)
-    root.setLevel(level)
+    """-q / -v / -vv; without them ``BUNDLER_LOG`` (as in jobs), else warnings only."""
+    from bundler import logs
+
+    level: int | str = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    env_level = os.environ.get("BUNDLER_LOG", "").strip().upper()
+    if not quiet and not verbose and env_level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        level = env_level
+    logs.attach(level)
+
+
+def _unknown_command(argv: Sequence[str], parser: argparse.ArgumentParser) -> str | None:
+    """A one-line error with the nearest verb, for ``bundler pus``; None when the verb is known."""
+    import difflib
+
+    words = [a for a in argv if not a.startswith("-")]
+    flags_before = [a for a in argv[: argv.index(words[0])]] if words else []
+    if not words or any(f in ("-h", "--help", "--version") for f in flags_before):
+        return None
+    verbs = list(EXAMPLES)
+    if words[0] in verbs:
+        return None
+    close = difflib.get_close_matches(words[0], verbs, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown command '{words[0]}'{hint} (`bundler --help` lists them)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    unknown = _unknown_command(argv, parser)
+    if unknown:
+        print(f"{parser.format_usage().rstrip()}\nbundler: error: {unknown}", file=sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     try:
         return _within_timeout(args)
     except BundlerError as exc:
-        print(f"bundler: error: {exc}", file=sys.stderr)
+        print(f"bundler: error: {_with_next_step(exc)}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
         # The reader went away (`bundler inspect --files | head`): not an error worth a message.
@@ -477,6 +815,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bundler: interrupted", file=sys.stderr)
         return 130
+
+
+def _with_next_step(exc: BundlerError) -> str:
+    """Store misses name the command that shows what is there."""
+    from bundler.errors import NotFoundError
+
+    message = str(exc)
+    if isinstance(exc, NotFoundError) and "bundler ls" not in message:
+        message += "; run `bundler ls` to see the refs and bundles in the store"
+    return message
 
 
 def run() -> None:

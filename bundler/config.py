@@ -130,6 +130,21 @@ class Settings:
             ``BUNDLER_LOCAL_CACHE`` when unset.
         pull_budget (``BUNDLER_PULL_BUDGET``, seconds): the most ``begin_compile`` may spend fetching
             before it gives up and lets the job compile.
+
+    Journeys and logging
+        ref (``BUNDLER_REF``): the ref every compile session of the job pulls, and pushes to on a
+            miss, instead of its own ``compile-<key>``. It is how a job uses what CI prebaked with
+            ``bundler warm --ref NAME``: set the same name in both and nothing else changes.
+        strict (``BUNDLER_STRICT``): a warm start that still compiled a graph, tuned a kernel or
+            built C++ fails with a message naming what missed (the torch.compile integration), so
+            CI catches a broken bake. Judged by PyTorch's own counters, never by timings.
+        warm (``BUNDLER_WARM``): set by ``bundler warm`` for the command it runs. Sessions then
+            pull as usual but leave pushing to ``bundler warm``, which pushes the union of what was
+            pulled and what the run added once the command succeeded (one bundle, one ref move).
+        log (``BUNDLER_LOG``): a level name (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``). When set,
+            a job's ``bundler`` logger gets its own stderr handler at that level, lines prefixed
+            ``bundler:``; unset, the package adds no handler, so applications that configure
+            logging themselves see each line once.
     """
 
     remote: str | None = None
@@ -161,6 +176,10 @@ class Settings:
     remote_autotune: bool = True
     bundles: bool = True
     pull_budget: float = 60.0
+    ref: str | None = None
+    warm: bool = False
+    strict: bool = False
+    log: str | None = None
 
     def __post_init__(self) -> None:
         # Callers pass plain strings too; the rest of the code joins paths with ``/``.
@@ -169,6 +188,8 @@ class Settings:
         if isinstance(self.trusted_keys, str):  # one key passed as a plain string, as the variable reads
             object.__setattr__(self, "trusted_keys", _nonempty_list("BUNDLER_TRUSTED_KEYS", self.trusted_keys))
         _check_signing(self)
+        if self.log is not None and self.log.upper() not in LOG_LEVELS:
+            raise ConfigError(f"BUNDLER_LOG={self.log!r} is not a level; use one of {', '.join(LOG_LEVELS)}")
         if self.bundles and not self.local_cache:
             raise ConfigError(
                 "BUNDLER_BUNDLES=1 needs BUNDLER_LOCAL_CACHE=1: bundles unpack into the local cache; "
@@ -250,6 +271,10 @@ def _check_signing(settings: Settings) -> None:
         raise ConfigError(f"BUNDLER_REF_MAX_AGE={age} must be a positive number of seconds")
 
 
+#: The level names ``BUNDLER_LOG`` accepts (``logging``'s own).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _str(_name: str, raw: str) -> str:
     return raw
 
@@ -305,6 +330,10 @@ _ENV_NAMES = {
     "remote_autotune": "BUNDLER_REMOTE_AUTOTUNE",
     "bundles": "BUNDLER_BUNDLES",
     "pull_budget": "BUNDLER_PULL_BUDGET",
+    "ref": "BUNDLER_REF",
+    "warm": "BUNDLER_WARM",
+    "strict": "BUNDLER_STRICT",
+    "log": "BUNDLER_LOG",
 }
 
 _PARSERS = {
@@ -335,4 +364,8 @@ _PARSERS = {
     "remote_autotune": parse_bool,
     "bundles": parse_bool,
     "pull_budget": _parse_float,
+    "ref": _opt_str,
+    "warm": parse_bool,
+    "strict": parse_bool,
+    "log": _opt_str,
 }

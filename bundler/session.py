@@ -2,7 +2,11 @@
 
 A *compile* is whatever the caller calls one (a model's ``torch.compile``, a script's kernels); it
 is named by ``keys.compile_key(code=...)``, the comment-blind hash of its source plus the version
-salt. The ref ``compile-<key>`` in the store points at the bundle that compile produced.
+salt. The ref ``compile-<key>`` in the store points at the bundle that compile produced, unless
+``BUNDLER_REF`` names another ref: then every session of the job pulls that one and pushes to it
+on a miss, which is how a job starts from what ``bundler warm --ref NAME`` prebaked in CI. Under
+``bundler warm`` itself (``BUNDLER_WARM=1``) sessions pull but never push: the command pushes the
+union of everything the run left in the caches, once, when it succeeded.
 
 Life of a session::
 
@@ -36,16 +40,18 @@ that do not parse (a bad ``BUNDLER_*`` variable) disable it with a warning inste
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bundler import deadline, keys, recording
+from bundler import deadline, keys, logs, recording
 from bundler.config import Settings
 from bundler.errors import BundleError, ConfigError, DeadlineExceededError, NotFoundError, StoreError
 
@@ -83,6 +89,10 @@ class CompileSession:
         self._fetch_deadline: deadline.Deadline | None = None  # cancelled when the job stops waiting
         self._pulled_names: frozenset[str] = frozenset()
         self._state = "new"
+        self._started = 0.0
+        logs.from_env()
+        if self.enabled and self.settings.ref is not None and not _valid_ref(self.settings.ref):
+            self.enabled = False
 
     @property
     def hit(self) -> bool:
@@ -91,12 +101,13 @@ class CompileSession:
 
     @property
     def ref_name(self) -> str:
-        """``compile-<key>``; waits for the fetch thread to derive the key (within the pull budget)."""
+        """``BUNDLER_REF`` when set, else ``compile-<key>``; waits for the fetch thread to derive the key
+        (within the pull budget): the key is also recorded in the ref pushed, and it decides a miss."""
         if self.key is None and self.enabled and self._state != "new":
             self._keyed.wait(max(0.0, self._deadline - time.monotonic()))
         if self.key is None:
             raise RuntimeError("the compile key is known once an enabled session has begun and derived it")
-        return f"{REF_PREFIX}{self.key}"
+        return self.settings.ref or f"{REF_PREFIX}{self.key}"
 
     @property
     def _label(self) -> str:
@@ -110,6 +121,7 @@ class CompileSession:
         if self._state != "new":
             raise RuntimeError(f"compile session already {self._state}")
         self._state = "open"
+        self._started = time.monotonic()
         if not self.enabled:
             log.debug("compile session off (bundles=%s, remote=%s)", self.settings.bundles, self.settings.remote)
             return self
@@ -143,7 +155,8 @@ class CompileSession:
                 self.key = keys.compile_key(code=self._code, code_hash=self._code_hash, tag=self.settings.tag)
             except Exception as exc:  # the cache is an accelerator: nothing here may fail the job
                 log.warning("compile session: could not derive its key (%s: %s); compiling without a bundle",
-                            type(exc).__name__, exc)
+                            type(exc).__name__, logs.one_line(exc))
+                log.debug("compile key failed", exc_info=exc)
                 return
             finally:
                 self._keyed.set()
@@ -176,7 +189,9 @@ class CompileSession:
             shared.remote_failed(self.settings, action, layout.ref_key(key), exc)
         else:
             log.warning("compile %s: could not %s its bundle in %s (%s: %s); compiling without the remote",
-                        self._label, action, getattr(self._store, "url", "the store"), type(exc).__name__, exc)
+                        self._label, action, getattr(self._store, "url", "the store"), type(exc).__name__,
+                        logs.one_line(exc, 80))
+            log.debug("%s failed", action, exc_info=exc)
 
     def _fetch(self) -> None:
         """Pull into the local caches; any failure means "miss"."""
@@ -206,14 +221,13 @@ class CompileSession:
             log.info("compile %s: could not fetch its bundle; compiling without it", self.key[:12])
             return
         except BundleError as exc:  # the object's fault, not the store's: this run's push repairs it
-            log.warning("compile %s: bundle of ref %s in %s is unusable (%s); compiling, and the push at the "
-                        "end replaces it", self.key[:12], self.ref_name, self.settings.remote or "the store",
-                        str(exc).splitlines()[0][:120])
+            log.warning("compile %s: bundle of ref %s is unusable (%s); compiling, the push at the end replaces it",
+                        self.key[:12], self.ref_name, logs.one_line(exc, 70))
             log.debug("unusable bundle", exc_info=exc)
             return
         except Exception as exc:  # the cache is an accelerator: nothing here may fail the job
             log.warning("compile %s: could not fetch its bundle (%s: %s); compiling without it",
-                        self.key[:12], type(exc).__name__, str(exc)[:120])
+                        self.key[:12], type(exc).__name__, logs.one_line(exc, 90))
             log.debug("fetch failed", exc_info=exc)
             return
         self.pulled = result
@@ -221,8 +235,9 @@ class CompileSession:
         try:
             self.time_saved_ns = self._register_pulled(result.manifest)
         except Exception as exc:  # the bundle is unpacked: a bookkeeping failure must not turn it into a miss
-            log.warning("compile %s: bundle %s unpacked, but recording its files failed (%s: %s); they may be "
-                        "missing from saved artifacts", self.key[:12], result.digest[:12], type(exc).__name__, exc)
+            log.warning("compile %s: bundle %s unpacked, but recording its files failed (%s: %s)",
+                        self.key[:12], result.digest[:12], type(exc).__name__, logs.one_line(exc, 60))
+            log.debug("recording pulled files failed; they may be missing from saved artifacts", exc_info=exc)
         self._hit = True
         log.info("compile %s: bundle %s unpacked (%d files), saving about %.1f s of autotuning",
                  self.key[:12], result.digest[:12], len(result.manifest.files), self.time_saved_ns / 1e9)
@@ -314,6 +329,24 @@ class CompileSession:
         self._state = "ended"
         if not self.enabled:
             return None
+        try:
+            return self._end()
+        finally:
+            self._log_summary()
+
+    def _log_summary(self) -> None:
+        """The one INFO line a session leaves: what a job's log needs to tell a warm start from a cold one."""
+        outcome, files, size = "miss", 0, 0
+        if self._hit and self.pulled is not None:
+            outcome, files, size = "hit", len(self.pulled.manifest.files), self.pulled.manifest.total_size
+        elif self.pushed is not None:
+            files, size = len(self.pushed.manifest.files), self.pushed.manifest.total_size
+        pushed = f", pushed {self.pushed.digest[:12]}" if self.pushed is not None else ""
+        log.info("compile %s: %s (ref %s), %d files, %d bytes, %.2f s, saved %.1f s of tuning%s",
+                 self._label, outcome, self.settings.ref or (f"{REF_PREFIX}{self._label}" if self.key else "-"),
+                 files, size, time.monotonic() - self._started, self.time_saved_ns / 1e9, pushed)
+
+    def _end(self) -> Any:
         self.sync()
         recording.remove_waiter(self.sync)
         recording.detach(self._recorder)
@@ -331,6 +364,9 @@ class CompileSession:
             entries = {**self._pulled_entries(), **entries}
             log.info("compile %s: the bundle was a hit, but %d file(s) were made anew (first: %s); pushing "
                      "a follow-up bundle", self.key[:12], len(new), new[0])
+        if self.settings.warm:
+            log.info("compile %s: running under `bundler warm`, which pushes when the command ends", self.key[:12])
+            return None
         if not self._remote_usable("write"):
             log.info("compile %s: the remote %s is not usable for writes in this process; not pushing",
                      self.key[:12], self.settings.remote)
@@ -355,7 +391,8 @@ class CompileSession:
     def _push(self, entries: dict[str, recording.Source]) -> Any:
         from bundler.remote import health, transfer
 
-        extra = {"compile_key": self.key, "entries": len(entries), "time_taken_ns": _entries_time_ns(entries)}
+        extra = {**transfer.run_facts(), "compile_key": self.key, "entries": len(entries),
+                 "time_taken_ns": _entries_time_ns(entries)}
 
         def push() -> Any:
             return transfer.push(self._store_handle(), entries, ref=self.ref_name, ref_extra=extra,
@@ -384,6 +421,18 @@ class CompileSession:
         self.end()
 
 
+def _valid_ref(name: str) -> bool:
+    """Whether ``BUNDLER_REF`` is a usable ref name; a bad one turns sessions off with one warning."""
+    from bundler.remote import layout
+
+    try:
+        layout.check_name(name)
+    except ConfigError as exc:
+        log.warning("compile session off: BUNDLER_REF %s", logs.one_line(exc, 150))
+        return False
+    return True
+
+
 def _may_sign(settings: Settings) -> bool:
     """False on a verify-only node: its unsigned ref would be refused by every other reader."""
     if not settings.signing_configured:
@@ -393,7 +442,8 @@ def _may_sign(settings: Settings) -> bool:
     try:
         keys = signing.keyring(settings)
     except ConfigError as exc:
-        log.warning("compile session: cannot load the signing keys (%s); not pushing", exc)
+        log.warning("compile session: cannot load the signing keys (%s); not pushing", logs.one_line(exc))
+        log.debug("signing keys", exc_info=exc)
         return False
     return not keys.enabled or keys.can_sign
 
@@ -416,15 +466,15 @@ def _entry(path: str | os.PathLike[str], data: bytes | None, settings: Settings)
     """The (member name, source) to record for a ``put``; None, with a warning, if it cannot be."""
     name = recording.member_name(path, settings)
     if name is None:
-        log.warning("put(%s): not inside the local caches (%s, %s); not bundled",
-                    path, settings.cache_dir, settings.triton_cache_dir)
+        log.warning("put(%s): not inside the local caches; not bundled", logs.one_line(path, 80))
+        log.debug("local caches: %s, %s", settings.cache_dir, settings.triton_cache_dir)
         return None
     if data is not None:
         return name, data
     try:
         return name, recording.source_for(name, path)
     except OSError as exc:  # removed or unreadable since it was written
-        log.warning("put(%s): cannot read it (%s); not bundled", path, exc)
+        log.warning("put(%s): cannot read it (%s); not bundled", logs.one_line(path, 80), exc.strerror or type(exc).__name__)
         return None
 
 
@@ -511,3 +561,140 @@ def compile_session(
         with _sessions_lock:
             if session in _sessions:
                 _sessions.remove(session)
+
+
+# --- bundler warm: a prebake around any command ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmResult:
+    """What ``bundler warm`` did: the command's exit code, what it pulled and pushed, what the run added."""
+
+    exit_code: int
+    pulled: Any = None  # transfer.PullResult, when the ref existed
+    pushed: Any = None  # transfer.PushResult, when something was pushed
+    added: tuple[str, ...] = ()  # members the run created or changed
+    left_out: int = 0  # files in the caches before the run, neither pulled nor touched (see ``everything``)
+
+
+def warm_roots(settings: Settings) -> dict[str, Path]:
+    """The caches ``bundler warm`` fills and bundles, by bundle root: our autotune records and Triton's
+    kernel cache, the same folders (and member names) a compile session uses."""
+    return recording.dest_mapping(settings)
+
+
+def snapshot(roots: Mapping[str, Path]) -> dict[str, tuple[int, int]]:
+    """``member name -> (size, mtime_ns)`` of every regular file under ``roots`` (tree capture).
+
+    Walking the folders, rather than recording what the job touched, sees everything the command
+    did, in any process, through any integration: warm needs no cooperation from the job.
+    Links and special files are left out, as the bundle format refuses them.
+    """
+    found: dict[str, tuple[int, int]] = {}
+    for root, top in roots.items():
+        top = Path(top)
+        for folder, dirs, files in os.walk(top):
+            dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(folder, d)))
+            for name in files:
+                path = os.path.join(folder, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                rel = Path(path).relative_to(top).as_posix()
+                found[f"{root}/{rel}"] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def warm(
+    command: Sequence[str],
+    *,
+    ref: str,
+    settings: Settings,
+    store: Any,
+    roots: Mapping[str, Path] | None = None,
+    everything: bool = False,
+    run: Callable[[Sequence[str], dict[str, str]], int] | None = None,
+) -> WarmResult:
+    """Pull ``ref`` into the caches, run ``command`` against them, push what they hold for it.
+
+    The steps, and why each:
+
+    1. Pull ``ref`` (if it exists) into ``roots`` with the node's pull state, so the sessions the
+       command opens find it already unpacked and download nothing.
+    2. Snapshot the folders, run the command with ``BUNDLER_REF=ref`` (its sessions pull the same
+       ref, and a job later started with the same setting pulls what this run pushes),
+       ``BUNDLER_WARM=1`` (its sessions leave pushing to us: one bundle, not one per session) and
+       the cache folders exported, so it uses exactly these.
+    3. If the command failed, push nothing (a failed run's caches are not worth sharing) and
+       return its exit code.
+    4. Otherwise push the union of the pulled files and every file the run added or changed
+       (``everything``: every file in the folders) as one bundle and move ``ref`` to it, unless
+       the run added nothing to what was pulled.
+    Store errors raise (a CI prebake should fail loudly); an unusable bundle behind ``ref`` is
+    warned about and rebuilt by the run.
+    """
+    from bundler.relocate import GroupFileRewriter
+    from bundler.remote import layout, transfer
+
+    layout.check_name(ref)
+    roots = dict(roots or warm_roots(settings))
+    pulled = None
+    try:
+        pulled = transfer.pull(store, roots, ref=ref, settings=settings, rewrite=GroupFileRewriter(),
+                               node_state=settings.cache_dir / "pulled")
+        log.info("warm: pulled %s (bundle %s, %d files)", ref, pulled.digest[:12], len(pulled.manifest.files))
+    except NotFoundError:
+        log.info("warm: ref %s does not exist yet; the run starts cold", ref)
+    except BundleError as exc:
+        log.warning("warm: the bundle of ref %s is unusable (%s); the run rebuilds it", ref, logs.one_line(exc, 80))
+        log.debug("unusable bundle", exc_info=exc)
+    pulled_names = {r.path for r in pulled.manifest.files} if pulled is not None else set()
+    before = snapshot(roots)
+    env = {**os.environ, "BUNDLER_REF": ref, "BUNDLER_WARM": "1",
+           "BUNDLER_CACHE_DIR": str(settings.cache_dir), "TRITON_CACHE_DIR": str(settings.triton_cache_dir)}
+    if settings.remote:
+        env["BUNDLER_REMOTE"] = settings.remote
+    code = (run or _run_command)(command, env)
+    if code != 0:
+        log.warning("warm: the command exited with %d; nothing pushed", code)
+        return WarmResult(code, pulled)
+    after = snapshot(roots)
+    added = tuple(sorted(name for name, facts in after.items() if before.get(name) != facts))
+    wanted = set(after) if everything else (pulled_names & set(after)) | set(added)
+    left_out = len(set(after) - wanted)
+    if left_out:
+        log.info("warm: %d file(s) were in the caches before the run and are not bundled (--all bundles them)",
+                 left_out)
+    if not added and pulled is not None:
+        log.info("warm: the run added nothing to %s; the ref stays at %s", ref, pulled.digest[:12])
+        return WarmResult(code, pulled, None, added, left_out)
+    entries: dict[str, recording.Source] = {}
+    for name in sorted(wanted):
+        try:
+            entries[name] = recording.source_for(name, roots[name.split("/", 1)[0]] / name.split("/", 1)[1])
+        except OSError:
+            continue  # removed since the snapshot
+    if not entries:
+        log.warning("warm: the command left nothing in the caches (%s); nothing pushed",
+                    ", ".join(str(p) for p in roots.values()))
+        return WarmResult(code, pulled, None, added, left_out)
+    import shlex
+
+    extra = {"warm": True, "command": shlex.join(command)[:500], "entries": len(entries), "added": len(added),
+             "time_taken_ns": _entries_time_ns(entries), "base": pulled.digest if pulled is not None else None}
+    pushed = transfer.push(store, entries, ref=ref, ref_extra=extra, settings=settings)
+    log.info("warm: pushed bundle %s to %s (%d files, %d new or changed)", pushed.digest[:12], ref, len(entries),
+             len(added))
+    return WarmResult(code, pulled, pushed, added, left_out)
+
+
+def _run_command(command: Sequence[str], env: dict[str, str]) -> int:
+    import subprocess
+
+    try:
+        return subprocess.run(list(command), env=env, check=False).returncode
+    except FileNotFoundError:
+        raise ConfigError(f"warm: command {command[0]!r} not found; check the part after '--'") from None

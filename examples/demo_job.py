@@ -3,13 +3,15 @@
 Runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1), so it needs no GPU; on a GPU
 drop that line and the custom ``do_bench`` and the same code caches real kernels. Settings come
 from the environment (BUNDLER_REMOTE, BUNDLER_CACHE_DIR, TRITON_CACHE_DIR), as in a real job.
-Prints one JSON line for demo.py to report.
+Prints one JSON line for demo.py to report. ``--quick`` runs one kernel at one shape (what the
+tests of the journeys and examples run, many times over).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -61,7 +63,12 @@ def row_scale(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
         tl.store(out_ptr + row * n_cols + offs, v * 0.5, mask=mask)
 
 
-def model_step() -> None:
+def model_step(quick: bool = False) -> None:
+    if quick:  # one kernel, one shape, two configs tuned: the journeys' tests run it many times
+        x, y, out = torch.rand(256), torch.rand(256), torch.empty(256)
+        scaled_add[lambda m: (triton.cdiv(256, m["BLOCK"]),)](x, y, out, 2.0, 256)
+        assert torch.allclose(out, 2.0 * x + y)
+        return
     for n in (1000, 4000, 16000):
         x, y, out = torch.rand(n), torch.rand(n), torch.empty(n)
         scaled_add[lambda m, n=n: (triton.cdiv(n, m["BLOCK"]),)](x, y, out, 2.0, n)
@@ -78,7 +85,7 @@ def main() -> None:
     with open(__file__) as f:
         source = f.read()
     with bundler.compile_session(code=source) as session:
-        model_step()
+        model_step(quick="--quick" in sys.argv)
         hit = session.hit
     stats = autotune.stats()
     print(json.dumps({

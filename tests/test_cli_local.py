@@ -199,3 +199,58 @@ def test_exit_code_survives_a_closed_stdout_or_stderr(packed, closed):
             preexec_fn=lambda: os.close(closed),  # noqa: PLW1509 - the child starts with the descriptor closed
         )
         assert result.returncode == code, result.stderr
+
+
+def test_python_dash_m_bundler_and_help_lists_exit_codes_env_and_examples():
+    result = subprocess.run([sys.executable, "-m", "bundler", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for text in ("exit codes:", "3 not found", "BUNDLER_REMOTE", "BUNDLER_REF", "BUNDLER_LOG",
+                 "bundler warm --ref", "bundler gc --keep-last"):
+        assert text in result.stdout, text
+    verb = bundler("gc", "--help")
+    assert b"example:\n  bundler gc --keep-last 5" in verb.stdout and b"exit codes:" in verb.stdout
+
+
+def test_a_typo_gets_did_you_mean():
+    result = bundler("pus", "x")
+    assert result.returncode == 2 and b"did you mean 'push'?" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_push_of_an_empty_directory_is_refused_unless_allowed(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    store = (tmp_path / "store").as_uri()
+    refused = bundler("push", str(tmp_path / "empty"), "--remote", store, "--ref", "x")
+    assert refused.returncode == 2 and b"holds no files" in refused.stderr and b"--allow-empty" in refused.stderr
+    assert not (tmp_path / "store").exists()  # refused before anything was written
+    allowed = bundler("push", str(tmp_path / "empty"), "--remote", store, "--ref", "x", "--allow-empty")
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_cache_view_and_prune(tmp_path):
+    cache = tmp_path / "cache"
+    write_tree(cache, {"autotune/old.json": b"{}", "autotune/new.json": b"{}", "pulled/x.manifest.json": b"m",
+                       "refs-seen/abc": b"7"})
+    old = 1_000_000_000
+    for name in ("autotune/old.json", "pulled/x.manifest.json", "refs-seen/abc"):
+        os.utime(cache / name, (old, old))
+    env = {"BUNDLER_CACHE_DIR": str(cache)}
+    view = json.loads(bundler("cache", "--json", "--older-than", "30d", env=env).stdout)
+    assert view["folders"]["autotune"] == {"entries": 2, "bytes": 4, "old": 1} and view["pruned"] == []
+    assert bundler("cache", "--prune", env=env).returncode == 2  # what is old is the user's call
+    pruned = bundler("cache", "--prune", "--older-than", "30d", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == [
+        "autotune/new.json", "refs-seen/abc"]  # replay protection is never pruned
+
+
+def test_bundler_log_gives_jobs_one_prefixed_handler(tmp_path):
+    code = ("import logging, bundler; s = bundler.CompileSession(code_hash='x'); "
+            "logging.getLogger('bundler.session').warning('w' * 10); "
+            "print(len(logging.getLogger('bundler').handlers))")
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "BUNDLER_LOG": ""})
+    assert quiet.stdout.strip() == "0"  # unset: no handler of ours; the app's logging decides
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "BUNDLER_LOG": "info"})
+    assert loud.stdout.strip() == "1" and loud.stderr == "bundler: WARNING: wwwwwwwwww\n"

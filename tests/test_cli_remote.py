@@ -103,3 +103,41 @@ def test_bad_profile_and_bad_endpoint_are_one_line_usage_errors(aws_env, tmp_pat
     assert result.returncode == 2 and "AWS_PROFILE" in result.stderr and "Traceback" not in result.stderr
     result = bundler("ls", "--remote", "s3://bucket/p?endpoint=notaurl")
     assert result.returncode == 2 and "notaurl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_refs_explain_themselves_in_ls_and_show(s3_server, src):
+    assert bundler("push", str(src), "--remote", s3_server, "--ref", "team/model").returncode == 0
+    listing = json.loads(bundler("ls", "--remote", s3_server, "--json").stdout)["refs"][0]
+    assert listing["name"] == "team/model" and listing["entries"] == len(FILES)
+    assert listing["host"] == socket.gethostname() and "push" in listing["command"]
+    assert listing["extra"]["bytes"] == sum(len(v) for v in FILES.values())
+    assert f"by {socket.gethostname()}" in bundler("ls", "--remote", s3_server).stdout
+    shown = bundler("show", "team/model", "--remote", s3_server, "--json")
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)
+    assert doc["digest"] == listing["digest"] and doc["producer"]["bundler"] and doc["extra"]["pushed_at"]
+    text = bundler("show", "team/model", "--remote", s3_server).stdout
+    assert "extra.host:" in text and "producer.python:" in text
+
+
+def test_not_found_names_the_next_command(s3_server, tmp_path):
+    for args in (("show", "nope"), ("pull", "--ref", "nope", "--into", str(tmp_path / "d")), ("rm", "nope")):
+        result = bundler(*args, "--remote", s3_server)
+        assert result.returncode == 3 and "bundler ls" in result.stderr, (args, result.stderr)
+
+
+def test_warm_pushes_nothing_when_the_command_fails_and_returns_its_code(s3_server, tmp_path):
+    env = {"BUNDLER_CACHE_DIR": str(tmp_path / "b"), "TRITON_CACHE_DIR": str(tmp_path / "t")}
+    script = ("import os, pathlib; assert os.environ['BUNDLER_REF'] == 'w' and os.environ['BUNDLER_WARM'] == '1'; "
+              "p = pathlib.Path(os.environ['BUNDLER_CACHE_DIR'], 'autotune'); p.mkdir(parents=True, exist_ok=True); "
+              "(p / 'k.json').write_text('{\"time_taken_ns\": 2000000000}'); raise SystemExit(int(os.environ['CODE']))")
+    failed = bundler("warm", "--ref", "w", "--remote", s3_server, "--", sys.executable, "-c", script,
+                     env={**env, "CODE": "7"})
+    assert failed.returncode == 7 and "nothing pushed" in failed.stderr
+    assert json.loads(bundler("ls", "--remote", s3_server, "--json").stdout)["refs"] == []
+    ok = bundler("warm", "--ref", "w", "--remote", s3_server, "--json", "--", sys.executable, "-c", script,
+                 env={**env, "CODE": "0"})
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["pushed"]
+    shown = json.loads(bundler("show", "w", "--remote", s3_server, "--json").stdout)
+    assert shown["extra"]["warm"] is True and shown["tuning_s"] == 2.0 and shown["entries"] == 1

@@ -58,7 +58,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bundler import keys
+from bundler import keys, logs
 from bundler.autotune import AutotuneCache, configs_hash
 from bundler.config import Settings
 from bundler.errors import ConfigError
@@ -92,6 +92,7 @@ def autotune(configs: Sequence[Any], key: Sequence[str], *args: Any, settings: S
 
 def enable(tuner: Any, *, settings: Settings | None = None) -> Any:
     """Put the best-config cache in front of an existing ``triton.autotune`` kernel; returns it."""
+    logs.from_env()  # BUNDLER_LOG: a job that only decorates kernels still gets our log lines
     if not isinstance(tuner.cache, TuningResults):
         tuner.cache = TuningResults(tuner, settings, tuner.cache)
     install()
@@ -136,7 +137,7 @@ class TuningResults(dict):
         try:
             cache.save(config, int(seconds * 1e9), found_by_coordesc=getattr(config, "found_by_coordesc", False))
         except Exception as exc:
-            log.warning("autotune cache: could not save the winner of %s (%s)", self._kernel_name(), exc)
+            log.warning("autotune cache: could not save the winner of %s (%s)", self._kernel_name(), logs.one_line(exc))
 
     def _read(self, cache: AutotuneCache | None) -> Any:
         if cache is None:
@@ -144,7 +145,7 @@ class TuningResults(dict):
         try:
             return cache.read_best(self._tuner.configs)
         except Exception as exc:  # never let a cache problem stop the kernel
-            log.warning("autotune cache: lookup for %s failed (%s); benchmarking", self._kernel_name(), exc)
+            log.warning("autotune cache: lookup for %s failed (%s); benchmarking", self._kernel_name(), logs.one_line(exc))
             return None
 
     def _cache_for(self, tuning_key: object) -> AutotuneCache | None:
@@ -171,7 +172,7 @@ class TuningResults(dict):
                 source = _jit_cache_key(self._tuner.fn) or keys.code_hash(inspect.getsource(fn))
                 filename = inspect.getsourcefile(fn) or fn.__code__.co_filename
             except (OSError, TypeError, ConfigError) as exc:
-                log.warning("autotune cache off for %s: %s", getattr(fn, "__qualname__", fn), exc)
+                log.warning("autotune cache off for %s: %s", getattr(fn, "__qualname__", fn), logs.one_line(exc))
                 self._identity = ("", "", "")
                 return None
             self._identity = (f"{fn.__module__}.{fn.__qualname__}", filename, source)

@@ -34,6 +34,7 @@ import logging
 
 from triton.runtime.cache import RemoteCacheBackend
 
+from bundler import logs
 from bundler.config import Settings
 from bundler.errors import ConfigError
 from bundler.remote import layout
@@ -73,7 +74,7 @@ class StoreRemoteCacheBackend(RemoteCacheBackend):
         try:
             self._settings: Settings | None = Settings.from_env()
         except ConfigError as exc:
-            log.warning("Triton remote cache off: %s", exc)
+            log.warning("Triton remote cache off: %s", logs.one_line(exc))
             self._settings = None
 
     def _usable(self, action: str) -> bool:

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bundler import logs
 from bundler.config import Settings
 from bundler.errors import BundleError, ConfigError, IntegrityError, NotFoundError, SignatureError
 from bundler.fileio import write_atomically
@@ -220,7 +221,7 @@ def _check_not_replayed(ref: Ref, key: str, store: Store, settings: Settings) ->
             write_atomically(path, str(ref.version).encode())
         except OSError as exc:
             log.warning("refs: cannot record ref %s version in %s (%s); replays of it go unnoticed on this node",
-                        ref.name, path, exc)
+                        ref.name, path, logs.one_line(exc))
 
 
 def _read_seen(path: Path) -> int:
@@ -229,5 +230,5 @@ def _read_seen(path: Path) -> int:
     except FileNotFoundError:
         return 0
     except (OSError, ValueError) as exc:
-        log.warning("refs: cannot read %s (%s); treating the ref as never seen", path, exc)
+        log.warning("refs: cannot read %s (%s); treating the ref as never seen", path, logs.one_line(exc))
         return 0

@@ -8,11 +8,18 @@ while the bytes arrive, nothing visible until all of it checked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime as dt
+import errno
+import fcntl
 import hashlib
 import logging
+import os
+import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,7 +32,7 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.placement import Destination, Placement
 from bundler.config import Settings
 from bundler.errors import BundleError, ConfigError
-from bundler.fileio import write_atomically
+from bundler.fileio import FileOps, write_atomically
 from bundler.progress import NULL_PROGRESS, Progress
 from bundler.remote import layout, refs
 from bundler.remote.refs import Ref, read_ref
@@ -35,6 +42,12 @@ log = logging.getLogger(__name__)
 
 _SPOOL_IN_MEMORY = 64 << 20
 _COPY_CHUNK = 1 << 20
+
+#: A push that finds its bundle already stored rewrites it when the object is older than this, so
+#: its date is fresh and ``bundler gc`` (whose grace period must exceed this; 1 h by default) cannot
+#: delete it as unreferenced between this push's check and its ref write. A re-push of the same
+#: bytes within the window uploads nothing.
+REFRESH_AFTER_S = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +97,14 @@ def upload(
     found = store.head(key)
     if found is not None:
         damage = _damage(store, key, digest, found.size, size, settings)
-        if damage is None:
+        if damage is None and not _stale(found):
             log.info("bundle %s already in %s; not uploading", digest, store.url)
             return False
+        if damage is None:
+            log.info("bundle %s already in %s but dated %s; rewriting it so gc sees it as new", digest,
+                     store.url, found.modified)
+            store.write(key, stream, size=size, progress=progress)
+            return True
         log.warning("bundle %s in %s is damaged (%s); replacing it", key, store.url, damage)
         store.write(key, stream, size=size, progress=progress)
         return True
@@ -94,6 +112,48 @@ def upload(
     if not created:
         log.info("bundle %s was uploaded by another writer meanwhile", digest)
     return created
+
+
+def _stale(found: ObjectInfo) -> bool:
+    """Whether a stored bundle is old enough that gc could be deleting it as unreferenced right now."""
+    if found.modified is None:
+        return False
+    age = dt.datetime.now(dt.timezone.utc) - found.modified
+    return age.total_seconds() > REFRESH_AFTER_S
+
+
+def run_facts() -> dict[str, Any]:
+    """Who made a ref, for ``bundler ls`` / ``show``: host, command, time, device, versions.
+
+    Stored in the ref's ``extra`` (the manifest's producer facts hold the versions that decide the
+    digest; these describe one run and must not change it). Cheap: reads no GPU unless torch is
+    already imported.
+    """
+    import socket
+    import sys
+
+    command = " ".join(sys.argv) if sys.argv and sys.argv[0] else ""
+    return {
+        "host": socket.gethostname(),
+        "command": command[:500] or "(embedded interpreter)",
+        "pushed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": _device(),
+        "versions": keys.producer_facts(),
+    }
+
+
+def _device() -> str:
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes"):
+        return "cpu (Triton interpreter)"
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available():
+            return str(torch.cuda.get_device_name(0))
+    except Exception:  # noqa: BLE001 - a fact for display only
+        pass
+    return "unknown"
 
 
 def _damage(store: Store, key: str, digest: str, stored: int, expected: int, settings: Settings) -> str | None:
@@ -120,7 +180,12 @@ def push(
     settings: Settings | None = None,
     progress: Progress = NULL_PROGRESS,
 ) -> PushResult:
-    """Pack ``source``, upload it under its digest, and optionally point ``ref`` at it."""
+    """Pack ``source``, upload it under its digest, and optionally point ``ref`` at it.
+
+    The ref's ``extra`` records who made it (:func:`run_facts`), the file count and unpacked bytes,
+    then ``ref_extra`` (the caller's facts win). An already stored bundle that is old is rewritten
+    (see :data:`REFRESH_AFTER_S`), so a concurrent ``bundler gc`` cannot delete it under the ref.
+    """
     settings = settings or Settings.from_env()
     if ref is not None:
         _check_can_write_ref(ref, settings)
@@ -130,10 +195,19 @@ def push(
         uploaded = upload(store, stream, packed.digest, packed.compressed_size, settings=settings, progress=progress)
     written = None
     if ref is not None:
+        extra = {**run_facts(), "files": len(packed.manifest.files), "bytes": packed.manifest.total_size,
+                 **(ref_extra or {})}
         written = refs.write_ref(
             store, ref, packed.digest, packed.compressed_size,
-            producer=packed.manifest.producer, extra=ref_extra, settings=settings,
+            producer=packed.manifest.producer, extra=extra, settings=settings,
         )
+        if store.head(layout.bundle_key(packed.digest)) is None:
+            # Deleted between our upload check and the ref write (a `bundler gc` that listed the
+            # store before the ref existed): put it back, so the ref never names a missing bundle.
+            log.warning("bundle %s vanished while ref %s was written (a concurrent gc?); uploading it again",
+                        packed.digest[:12], ref)
+            with archive.packed(source, settings=settings, producer=producer) as (again, stream):
+                uploaded = upload(store, stream, again.digest, again.compressed_size, settings=settings)
     return PushResult(packed.digest, packed.compressed_size, uploaded, packed.manifest, written)
 
 
@@ -158,6 +232,7 @@ def pull(
     rewrite: archive.Rewriter | None = None,
     progress: Progress = NULL_PROGRESS,
     node_state: Path | None = None,
+    ops: FileOps | None = None,
 ) -> PullResult:
     """Stream a bundle from the store into ``dest``, verifying every byte against its digest.
 
@@ -166,44 +241,126 @@ def pull(
     bundle already in place and download nothing. The lock only saves work: correctness never
     depends on it (unpacking is atomic per file), so a filesystem where locks silently succeed
     costs duplicate downloads, not broken caches.
+
+    ``ops``: the OS seam the unpack writes through (:class:`bundler.fileio.FileOps`); tests pass
+    one that fills the disk or races at a chosen call.
     """
     settings = settings or Settings.from_env()
     digest, found = _resolve(store, digest, ref, settings)
     if node_state is None:
-        return PullResult(digest, _download(store, dest, digest, found, settings, rewrite, progress), found)
-    from filelock import FileLock, Timeout
-
-    node_state.mkdir(parents=True, exist_ok=True)
-    wait = max(1.0, settings.pull_budget)
-    lock = FileLock(str(node_state / f"{digest}.lock"), timeout=wait)
-    try:
-        lock.acquire()
-    except Timeout:
-        log.warning("another process has held %s for %.0f s; downloading anyway", lock.lock_file, wait)
-        return PullResult(digest, _download(store, dest, digest, found, settings, rewrite, progress), found)
-    try:
+        return PullResult(digest, _download(store, dest, digest, found, settings, rewrite, progress, ops), found)
+    with _node_lock(node_state / f"{digest}.lock", max(1.0, settings.pull_budget)):
         done = node_state / f"{digest}.manifest.json"
         man = _already_unpacked(done, digest, dest, settings, rewrite)
         if man is not None:
             log.info("bundle %s already unpacked on this machine; not downloading it again", digest)
             return PullResult(digest, man, found)
-        man = _download(store, dest, digest, found, settings, rewrite, progress)
+        man = _download(store, dest, digest, found, settings, rewrite, progress, ops)
         _record_unpacked(done, man)
         return PullResult(digest, man, found)
+
+
+#: Seconds between attempts to take a node lock another process holds.
+_LOCK_POLL_S = 0.05
+
+
+@contextlib.contextmanager
+def _node_lock(path: Path, wait: float) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` for the block, if possible; yields whether it is held.
+
+    The lock only saves work (the block is correct without it), so nothing here can fail a pull:
+    any OSError (a read-only or full state folder, a filesystem without locks) means pulling
+    without it, and a lock held past ``wait`` seconds means downloading anyway. The state folder
+    is private to this tool, so anything at ``path`` that is not a regular file (a link planted
+    to truncate or block on something else, a FIFO) is removed, never opened through.
+    """
+    fd = None
+    try:
+        fd = _open_lock_file(path)
+        deadline_at = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline_at:
+                    log.warning("another process has held %s for %.0f s; downloading anyway", path, wait)
+                    os.close(fd)
+                    fd = None
+                    break
+                time.sleep(_LOCK_POLL_S)
+    except OSError as exc:
+        log.info("pulling without the node lock %s (%s); another process may download it too", path, exc)
+        if fd is not None:
+            os.close(fd)
+            fd = None
+    try:
+        yield fd is not None
     finally:
-        lock.release()
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file's descriptor, opened without following a link; a non-file there is removed once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    for attempt in range(2):
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EMLINK, errno.ENXIO) or attempt:
+                raise
+        else:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            os.close(fd)
+            if attempt:
+                raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        log.warning("removing %s: the node lock must be a regular file, something else was there", path)
+        _remove_entry(path)
+    raise AssertionError("unreachable")
+
+
+def _remove_entry(path: Path) -> None:
+    """Remove a link, a special file or a folder at ``path`` (the name only, never what it points to)."""
+    try:
+        path.unlink()
+    except IsADirectoryError:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
 
 
 def _download(store: Store, dest: Destination, digest: str, found: Ref | None, settings: Settings,
-              rewrite: archive.Rewriter | None, progress: Progress) -> Manifest:
+              rewrite: archive.Rewriter | None, progress: Progress, ops: FileOps | None = None) -> Manifest:
     with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
-        man = archive.unpack(stream, dest, expected_digest=digest, settings=settings, rewrite=rewrite)
+        man = archive.unpack(stream, dest, expected_digest=digest, settings=settings, rewrite=rewrite, ops=ops)
     log.info("pulled bundle %s: %d files, %d bytes", digest, len(man.files), man.total_size)
     return man
 
 
+def _read_marker(done: Path, limit: int) -> bytes | None:
+    """The "unpacked" marker's bytes, or None when it is missing, too large or not a regular file.
+
+    Opened with ``O_NOFOLLOW | O_NONBLOCK``: a link planted there must not make this process read
+    (or block forever on) something else, and a FIFO must not hang the pull.
+    """
+    try:
+        fd = os.open(done, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_size > limit:
+            return None
+        return f.read(limit + 1)
+
+
 def _record_unpacked(done: Path, man: Manifest) -> None:
     try:
+        if os.path.islink(done) or (os.path.lexists(done) and not os.path.isfile(done)):
+            _remove_entry(done)  # a planted link or folder: replace it with the marker
         write_atomically(done, man.encode())
     except OSError as exc:
         log.debug("could not record %s (%s); the next process downloads again", done, exc)
@@ -218,8 +375,8 @@ def _already_unpacked(
     a power loss must send the next process to the store, not make every process skip it.
     """
     try:
-        data = done.read_bytes()
-        if hashlib.sha256(data).hexdigest() != digest:
+        data = _read_marker(done, settings.max_manifest_bytes)
+        if data is None or hashlib.sha256(data).hexdigest() != digest:
             return None
         man = manifest_format.decode(data, max_members=settings.max_members)
         placement = Placement(dest)
@@ -302,7 +459,8 @@ def import_file(
         uploaded = upload(store, spool, man.digest, size, settings=settings, progress=progress)
     written = None
     if ref is not None:
-        written = refs.write_ref(store, ref, man.digest, size, producer=man.producer, settings=settings)
+        extra = {**run_facts(), "files": len(man.files), "bytes": man.total_size, "imported_from": Path(path).name}
+        written = refs.write_ref(store, ref, man.digest, size, producer=man.producer, extra=extra, settings=settings)
     return PushResult(man.digest, size, uploaded, man, written)
 
 
