@@ -62,6 +62,7 @@ bench: $(STAMP_BENCH)
 	$(VENV_BENCH)/bin/python benchmarks/bench_archive.py
 	$(VENV_BENCH)/bin/python benchmarks/bench_push.py
 	$(VENV_BENCH)/bin/python benchmarks/bench_pull.py
+	$(VENV_BENCH)/bin/python benchmarks/bench_fleet.py
 
 clean:
 	rm -rf $(VENV) $(VENV_OLD) $(VENV_BENCH) .pytest_cache .ruff_cache .hypothesis build dist *.egg-info

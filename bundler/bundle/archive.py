@@ -155,10 +155,15 @@ class _Extractor(_Hasher):
         self._close()
 
 
+#: Members this large are hashed by the reader thread when the caller writes (see Prefetch).
+_WORKER_HASHES_FROM = 1 << 20
+
+
 def _consume(stream: BinaryIO, settings: Settings, expected_digest: str | None, sink: _Hasher) -> Manifest:
     if expected_digest is not None:
         manifest.check_digest(expected_digest)
-    events = Prefetch(bundle_reader.events(stream, settings, expected_digest), share_hashing=True)
+    large = _WORKER_HASHES_FROM if isinstance(sink, _Extractor) else None
+    events = Prefetch(bundle_reader.events(stream, settings, expected_digest), share_hashing=True, large_member=large)
     man = None
     try:
         for kind, value in events:

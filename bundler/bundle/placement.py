@@ -90,13 +90,29 @@ def local_error(exc: OSError, what: str, path: str) -> LocalCacheError:
     return LocalCacheError(f"could not {what} {path}: {exc.strerror or exc}; {hint}")
 
 
-class Staged(NamedTuple):
-    """Where the bytes of one member go: ``name`` relative to the open folder ``dir_fd``."""
+class Staged:
+    """Where the bytes of one member go: ``name`` relative to the open folder ``dir_fd``.
 
-    dir_fd: int
-    name: str
-    target: str  # the final path, for a rewriter and for messages
-    shown: str  # the staging path, for messages
+    ``target`` (the final path, for a rewriter and for messages) and ``shown`` (the staging path,
+    for messages) are joined only when asked for: nearly every member needs neither, and two path
+    joins per member showed in unpack profiles of 1,600-file caches.
+    """
+
+    __slots__ = ("dir_fd", "name", "_root", "_staging")
+
+    def __init__(self, dir_fd: int, name: str, root: str, staging: str) -> None:
+        self.dir_fd = dir_fd
+        self.name = name
+        self._root = root
+        self._staging = staging
+
+    @property
+    def target(self) -> str:
+        return os.path.join(self._root, self.name)
+
+    @property
+    def shown(self) -> str:
+        return os.path.join(self._root, self._staging, _TREE, self.name)
 
 
 class _Entry(NamedTuple):
@@ -156,7 +172,7 @@ class Placement:
                 raise local_error(exc, "create a staging folder in", path) from exc
         self._moves.append((root, rel.partition("/")[0], rel))
         self.keep_alive()
-        return Staged(root.tree_fd, rel, os.path.join(path, rel), os.path.join(path, root.staging, _TREE, rel))
+        return Staged(root.tree_fd, rel, path, root.staging)
 
     def keep_alive(self) -> None:
         """Refresh the staging folders' mtime now and then, so no other process sweeps them.

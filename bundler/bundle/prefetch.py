@@ -2,8 +2,8 @@
 
 zstd releases the GIL, so the worker decompresses and parses while the caller hashes and writes;
 with ``share_hashing`` the worker also hashes members whenever the caller falls behind. Events
-cross the thread boundary in batches of about a megabyte, so a cache of thousands of small files
-does not pay a queue hand-off per file.
+cross the thread boundary in batches (a quarter megabyte, or 512 events), so a cache of
+thousands of small files does not pay a queue hand-off per file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from bundler.bundle.reader import BEGIN, CHECKED_BEGIN, DATA, END, check_hash
 
 _DONE = object()
-_BATCH_BYTES = 1 << 20
+_BATCH_BYTES = 256 << 10  # with reader._CHUNK: a few MiB in flight at most (see there)
 _BATCH_EVENTS = 512
 
 
@@ -33,10 +33,23 @@ class Prefetch:
     pile up in the queue), the worker hashes the next member itself and hands it over as
     CHECKED_BEGIN. Decompressing is cheaper than hashing plus writing, so on two cores a fixed
     split leaves one of them idle; this one adapts to whichever side is slower on the machine.
+
+    ``large_member``: members of at least this many bytes are always hashed by the worker. The
+    choice is made once per member, so one large member (a max-autotune cache's 30 MB FX-graph
+    entry is 40% of its bytes) that began while the caller happened to keep up would be hashed
+    and written by the caller alone while the worker, held back by the queue, waited. A caller
+    that writes spends more per byte on the write than the worker spends on the hash, so for
+    large members the worker is the right side whatever the backlog says.
     """
 
-    def __init__(self, source: Iterator[tuple[int, object]], depth: int = 8, share_hashing: bool = False) -> None:
-        self._source = _worker_hashes(source, self) if share_hashing else source
+    def __init__(
+        self,
+        source: Iterator[tuple[int, object]],
+        depth: int = 8,
+        share_hashing: bool = False,
+        large_member: int | None = None,
+    ) -> None:
+        self._source = _worker_hashes(source, self, large_member) if share_hashing else source
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="bundler-read", daemon=True)
@@ -102,16 +115,20 @@ class Prefetch:
         self._thread.join(timeout=5)
 
 
-def _worker_hashes(source: Iterator[tuple[int, object]], prefetch: Prefetch) -> Iterator[tuple[int, object]]:
-    """``source``, hashing and checking the members that start while the caller is behind."""
+def _worker_hashes(
+    source: Iterator[tuple[int, object]], prefetch: Prefetch, large_member: int | None = None
+) -> Iterator[tuple[int, object]]:
+    """``source``, hashing and checking the members that start while the caller is behind (and,
+    with ``large_member``, every member at least that large)."""
     hasher = None
+    large = large_member if large_member is not None else 1 << 62
     try:
         for kind, value in source:
             if kind == DATA:
                 if hasher is not None:
                     hasher.update(value)  # type: ignore[arg-type]
             elif kind == BEGIN:
-                if prefetch.backlog() >= _CALLER_BEHIND:
+                if value.size >= large or prefetch.backlog() >= _CALLER_BEHIND:  # type: ignore[attr-defined]
                     hasher = hashlib.sha256()
                     kind = CHECKED_BEGIN
             elif kind == END and hasher is not None:

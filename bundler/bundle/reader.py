@@ -32,7 +32,11 @@ from bundler.errors import (
 #: in its place before the member's END if the bytes do not match, so the consumer need not.
 MANIFEST, BEGIN, DATA, END, CHECKED_BEGIN = range(5)
 
-_CHUNK = 1 << 20
+#: Decompressed bytes per read. Small enough that the chunks in flight between the reader thread
+#: and its consumer (queue depth times batch) stay a few MiB, since every MiB of new heap costs a
+#: fresh process 256 page faults, and that the first bytes of a small bundle reach the consumer
+#: sooner (unpack and verify of a real 8 MB cache 13-16% faster than with 1 MiB).
+_CHUNK = 256 << 10
 #: Tar pads its end with zero blocks; GNU tar rounds archives up to 10 KiB records. Anything
 #: beyond this much padding is not padding, and decompressing it would only burn CPU.
 _MAX_TRAILING_ZEROS = 64 << 10

@@ -39,6 +39,11 @@ _JOB_SIZE = 16 << 20
 _WHOLE_FILE = 64 << 20
 #: Writes reach zstd in batches of about this size.
 _BATCH = 1 << 20
+#: Long-distance matching keeps 2**N candidates per hash bucket; zstd's default (4) made LDM cost
+#: three times plain level 3 on a max-autotune-shaped cache, whose repeats are long and exact.
+#: With 2 it cost half as much CPU for 2-4% more bytes there, within 1% on real caches
+#: (benchmarks/README.md, session 3).
+_LDM_BUCKET_LOG = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +211,11 @@ def compressor(settings: Settings) -> zstandard.ZstdCompressor:
     parallel (zstd would otherwise make one job of the whole window) and makes the output
     independent of the number of threads, so every machine produces the same bytes.
     """
-    long = {"enable_ldm": True, "window_log": settings.long_window_log} if settings.long_window_log else {}
+    long = (
+        {"enable_ldm": True, "window_log": settings.long_window_log, "ldm_bucket_size_log": _LDM_BUCKET_LOG}
+        if settings.long_window_log
+        else {}
+    )
     params = zstandard.ZstdCompressionParameters.from_level(
         settings.zstd_level,
         threads=settings.zstd_threads or os.cpu_count() or 1,
