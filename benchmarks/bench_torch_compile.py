@@ -1,0 +1,94 @@
+"""torch.compile on CPU: first-call time cold, warm-local and warm-from-bundle, a fresh process each.
+
+Each round uses new directories (Inductor's cache dir and the default dir holding the precompiled
+headers, via ``TMPDIR``) and moto's S3 server on 127.0.0.1 in this process:
+
+1. cold: empty caches; the job compiles inside ``compile_cache`` and pushes the bundle;
+2. warm-local: the same directories again, no bundle (what a second run on the same node gets);
+3. warm-from-bundle: empty caches at another path (the cold run's directories renamed away):
+   ``compile_cache`` pulls and unpacks the bundle, then the job runs.
+
+Reported per phase: the session's ``begin`` (facts, ref lookup, download and unpack), the first
+training step (compile included) and their sum, medians over ``--repeat`` rounds. The target
+(issue 10): warm-from-bundle within 1.2x of warm-local.
+
+Run: ``.venv/bin/python benchmarks/bench_torch_compile.py [--repeat 3] [--width 64] [--layers 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import SCRATCH_ROOT, moto_s3, s3_client  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "tests" / "scripts" / "torch_compile_job.py"
+
+
+def job(root: Path, url: str | None, extra: list[str]) -> dict:
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BUNDLER_", "TORCHINDUCTOR_", "TRITON_"))}
+    env.update(TMPDIR=str(root / "tmp"), TORCHINDUCTOR_CACHE_DIR=str(root / "inductor"),
+               PYTHONPATH=str(REPO))
+    cmd = [sys.executable, str(JOB), *extra] + (["--bundle", url] if url else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("JOB-REPORT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"job failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("JOB-REPORT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=3)
+    args = parser.parse_args()
+    extra = ["--width", str(args.width), "--layers", str(args.layers)]
+    base = SCRATCH_ROOT / f"bundler-bench-torch-{os.getpid()}"
+    results: dict[str, list[tuple[float, float]]] = {"cold": [], "warm-local": [], "warm-from-bundle": []}
+    notes: list[str] = []
+    with moto_s3() as endpoint:
+        for round_ in range(args.repeat):
+            bucket = f"bench-torch-{uuid.uuid4().hex[:10]}"
+            s3_client(endpoint).create_bucket(Bucket=bucket)
+            url = f"s3://{bucket}/caches?endpoint={endpoint}&addressing=path"
+            here, there = base / f"r{round_}-a", base / f"r{round_}-b"
+            cold = job(here, url, extra)
+            local = job(here, None, extra)
+            here.rename(base / f"r{round_}-a.away")
+            warm = job(there, url, extra)
+            for name, rep in (("cold", cold), ("warm-local", local), ("warm-from-bundle", warm)):
+                results[name].append((rep["begin_s"], rep["first_call_s"]))
+            notes.append(f"round {round_}: cold {cold['summary']!r}\n  bundle {warm['summary']!r}\n"
+                         f"  warm-local counters {local['inductor']} builds {local['cpp_builds']}\n"
+                         f"  bundle counters {warm['inductor']} {warm['aot_autograd']} builds {warm['cpp_builds']}")
+            shutil.rmtree(base, ignore_errors=True)
+    print(f"torch {__import__('torch').__version__}, MLP {args.layers}x{args.width}, batch 8, fwd+bwd, "
+          f"{args.repeat} rounds (medians, seconds)")
+    print("| phase | begin (facts, fetch, unpack) | first step (compile incl.) | total |")
+    print("| --- | --- | --- | --- |")
+    med = {}
+    for name, rows in results.items():
+        b = statistics.median(r[0] for r in rows)
+        f = statistics.median(r[1] for r in rows)
+        t = statistics.median(r[0] + r[1] for r in rows)
+        med[name] = t
+        print(f"| {name} | {b:.2f} | {f:.2f} | {t:.2f} |")
+    print(f"warm-from-bundle / warm-local: {med['warm-from-bundle'] / med['warm-local']:.2f}x; "
+          f"cold / warm-from-bundle: {med['cold'] / med['warm-from-bundle']:.1f}x")
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""torch.compile max-autotune on a GPU: cold, warm-local and warm-from-bundle at another path.
+
+Every phase is a fresh process (this script re-invoked with ``--phase``), so nothing carries over
+in memory. The store is a ``file://`` folder (the GPU machine has no S3 server; the transfer path
+is the same code). Phases, per round:
+
+1. ``cold``: empty caches in folder A; the job compiles and autotunes inside
+   ``bundler.integrations.torch.compile_cache`` and pushes the bundle;
+2. ``warm-local``: folder A again, no store: what a second run on the same node gets;
+3. ``warm-from-bundle``: folder A renamed away, empty caches in folder B; the session pulls the
+   bundle before the first compile, then the job runs.
+
+Reported per phase: time to the first result (forward + backward of a small transformer block
+stack, compile included; for the bundle phase the session's begin is counted in), and PyTorch's
+own counters: FX graph and AOTAutograd cache hits and misses, autotune benchmarks
+(``select_algorithm_*``, ``coordesc_tuning_bench``, ``benchmarking.*``) and Triton compiles.
+
+Run: ``python benchmarks/bench_torch_gpu.py [--rounds 2] [--blocks 4] [--dim 512]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job(args: argparse.Namespace) -> dict:
+    """One phase in this fresh process: compile, run one step, report the counters."""
+    t_import = time.perf_counter()
+    import torch
+    from torch._dynamo.utils import counters
+
+    import_s = time.perf_counter() - t_import
+    lookups = _trace_best_config_lookups()
+    torch.manual_seed(0)
+    if args.model == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(args.dim, 4 * args.dim), torch.nn.GELU(),
+                                    torch.nn.Linear(4 * args.dim, args.dim)).to("cuda", torch.bfloat16)
+    else:
+        layer = torch.nn.TransformerEncoderLayer(args.dim, nhead=8, dim_feedforward=4 * args.dim,
+                                                 batch_first=True, dtype=torch.bfloat16, device="cuda")
+        model = torch.nn.TransformerEncoder(layer, num_layers=args.blocks, enable_nested_tensor=False)
+    x = torch.randn(8, 256, args.dim, dtype=torch.bfloat16, device="cuda")
+
+    def step() -> float:
+        compiled = torch.compile(model, mode="max-autotune-no-cudagraphs")
+        out = compiled(x)
+        out.float().sum().backward()
+        torch.cuda.synchronize()
+        return float(out.float().sum())
+
+    summary, status, added = None, None, {}
+    t0 = time.perf_counter()
+    if args.store:
+        from bundler.integrations import torch as bt
+
+        with bt.compile_cache(args.store, ref="gpu-bench", strict=None) as session:
+            begin_s = time.perf_counter() - t0
+            value = step()
+        summary, status = session.summary_line(), session.status
+        added = {layer: names[:12] + ([f"... {len(names)} in all"] if len(names) > 12 else [])
+                 for layer, names in session._added_files().items() if names}
+    else:
+        begin_s = 0.0
+        value = step()
+    first_result_s = time.perf_counter() - t0
+    inductor = dict(counters["inductor"])
+    return {
+        "value": value, "import_s": round(import_s, 2), "begin_s": round(begin_s, 2),
+        "first_result_s": round(first_result_s, 2), "status": status, "summary": summary,
+        "fx_miss": inductor.get("fxgraph_cache_miss", 0), "fx_hit": inductor.get("fxgraph_cache_hit", 0),
+        "aot_miss": counters["aot_autograd"].get("autograd_cache_miss", 0),
+        "aot_hit": counters["aot_autograd"].get("autograd_cache_hit", 0),
+        "autotune": {k: v for k, v in inductor.items() if "autotune" in k or "bench" in k},
+        "benchmarking": dict(counters["benchmarking"]),
+        "triton_compiles": inductor.get("async_compile_cache_miss", 0),
+        "added": added,
+        "best_config_lookups": lookups,
+    }
+
+
+def _trace_best_config_lookups() -> list:
+    """Record where Inductor looks for each kernel's ``.best_config`` and whether it was there."""
+    from torch._inductor.runtime import autotune_cache
+
+    seen: list = []
+    real_read, real_save = autotune_cache.AutotuneCache._read, autotune_cache.AutotuneCache.save
+
+    def read(self):  # noqa: ANN001, ANN202
+        key = self.local_cache[1] if self.local_cache else None
+        found = real_read(self)
+        seen.append(["read", key, bool(key and os.path.exists(key)), found is not None])
+        return found
+
+    def save(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+        seen.append(["save", self.local_cache[1] if self.local_cache else None])
+        return real_save(self, *a, **k)
+
+    autotune_cache.AutotuneCache._read, autotune_cache.AutotuneCache.save = read, save
+    return seen
+
+
+def run_phase(phase: str, root: Path, store: str | None, args: argparse.Namespace) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BUNDLER_", "TORCHINDUCTOR_", "TRITON_"))}
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    env.update(TMPDIR=str(root / "tmp"), TORCHINDUCTOR_CACHE_DIR=str(root / "inductor"),
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               BUNDLER_CACHE_DIR=str(root / "bundler"), BUNDLER_PULL_BUDGET="120")
+    cmd = [sys.executable, __file__, "--phase", phase, "--blocks", str(args.blocks), "--dim", str(args.dim),
+           "--model", args.model]
+    if store:
+        cmd += ["--store", store]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("PHASE-REPORT ")]
+    if proc.returncode or not reports:
+        raise SystemExit(f"{phase} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    report = json.loads(reports[-1][len("PHASE-REPORT "):])
+    report["bundler_log"] = [line for line in proc.stderr.splitlines() if "bundler" in line][-6:]
+    return report
+
+
+def _files_naming(root: Path, needle: str) -> list[str]:
+    """Files under ``root`` whose bytes contain ``needle`` (an absolute path relocation missed)."""
+    found = []
+    raw = needle.encode()
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and raw in path.read_bytes():
+                found.append(str(path.relative_to(root)))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--model", choices=["transformer", "mlp"], default="transformer")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", help="also write every phase's report to this file")
+    args = parser.parse_args()
+    if args.phase:
+        print("PHASE-REPORT " + json.dumps(job(args), default=str), flush=True)
+        return
+
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.blocks} encoder blocks, "
+          f"d={args.dim}, bf16, batch 8 x 256, max-autotune-no-cudagraphs, fwd+bwd", flush=True)
+    rows: dict[str, list[dict]] = {"cold": [], "warm-local": [], "warm-from-bundle": []}
+    base = Path(tempfile.mkdtemp(prefix="bundler-gpu-bench-"))
+    for n in range(args.rounds):
+        store = (base / f"store{n}").as_uri()
+        here, there = base / f"r{n}-a", base / f"r{n}-b"
+        rows["cold"].append(run_phase("cold", here, store, args))
+        rows["warm-local"].append(run_phase("warm-local", here, None, args))
+        here.rename(base / f"r{n}-a.away")
+        rows["warm-from-bundle"].append(run_phase("warm-from-bundle", there, store, args))
+        stale = _files_naming(there, str(here))
+        print(f"  files at the new path still naming the producer's path: {len(stale)} {stale[:8]}", flush=True)
+        print(f"  files the bundle phase added: {rows['warm-from-bundle'][-1]['added']}", flush=True)
+        for name in ("warm-local", "warm-from-bundle"):
+            print(f"  {name} best_config lookups: {rows[name][-1]['best_config_lookups'][:10]}", flush=True)
+        for name in rows:
+            r = rows[name][-1]
+            print(f"round {n} {name:17} first result {r['first_result_s']:7.2f} s (begin {r['begin_s']:.2f}) "
+                  f"fx {r['fx_hit']}h/{r['fx_miss']}m aot {r['aot_hit']}h/{r['aot_miss']}m "
+                  f"autotune {r['autotune']} benchmarking {r['benchmarking']} status {r['status']}", flush=True)
+        print(f"  bundle summary: {rows['warm-from-bundle'][-1]['summary']}", flush=True)
+        shutil.rmtree(base / f"r{n}-a.away", ignore_errors=True)
+    print("\n| phase | first result, s (median; all runs) | FX misses | AOT misses | autotune counters |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, reps in rows.items():
+        times = [r["first_result_s"] for r in reps]
+        print(f"| {name} | {statistics.median(times):.2f} ({', '.join(f'{t:.2f}' for t in times)}) | "
+              f"{[r['fx_miss'] for r in reps]} | {[r['aot_miss'] for r in reps]} | {[r['autotune'] for r in reps]} |")
+    local = statistics.median(r["first_result_s"] for r in rows["warm-local"])
+    bundle = statistics.median(r["first_result_s"] for r in rows["warm-from-bundle"])
+    print(f"\nwarm-from-bundle / warm-local = {bundle / local:.2f}x; "
+          f"cold / warm-from-bundle = {statistics.median(r['first_result_s'] for r in rows['cold']) / bundle:.1f}x")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1, default=str))
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

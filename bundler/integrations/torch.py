@@ -1,0 +1,828 @@
+"""torch.compile (Inductor) integration: a fresh node at another path compiles and builds nothing.
+
+One line around a training or serving script::
+
+    from bundler.integrations import torch as bt
+
+    with bt.compile_cache("s3://bucket/caches", tag="llama-train"):   # or BUNDLER_REMOTE / BUNDLER_TAG
+        model = torch.compile(model)
+        train(model)
+
+or ``session = bt.begin(...)`` ... ``bt.end(session)`` where a ``with`` block does not fit.
+
+What happens, and why in that order (docs/torch.md has the measurements and torch citations):
+
+1. ``begin`` makes the cache directories known: ``TORCHINDUCTOR_CACHE_DIR`` (set to Inductor's own
+   default when unset, so nothing moves), ``TRITON_CACHE_DIR`` when the user set one (otherwise
+   Triton's kernels live under the Inductor dir) and the precompiled-header dir, which Inductor
+   keeps under its *default* dir even when ``TORCHINDUCTOR_CACHE_DIR`` points elsewhere.
+2. It computes the compatibility facts (:func:`environment_facts`: torch version and
+   ``torch_key``, Triton, Python, device, compute capability, CUDA/HIP, CPU vector ISA honouring
+   ``ATEN_CPU_CAPABILITY``, machine, compiler, tag, and hashes of the key-bearing Inductor and
+   functorch settings). Inductor's own keys leave the CPU ISA out, so a cache from an AVX512 node
+   returns wrong numbers on an AVX2 node: the facts are what stops that.
+3. The ref name is ``<prefix>/<hash of the facts>``: another environment simply has another ref.
+   The ref's stored facts are compared with ours *before* the bundle is downloaded (a ref that
+   does not match is refused with one line naming the fact); on a miss the nearest ref under the
+   same prefix is named with the facts that differ (:func:`explain`).
+4. The bundle unpacks into the cache directories before the first compile, through the ordinary
+   ``transfer.pull`` (verified, atomic), with Triton group files and Inductor's pickled absolute
+   paths relocated to this node's directories (:mod:`bundler.integrations.torch_relocate`).
+5. ``end`` (after a miss, or a hit that still compiled something) packs the cache directories and
+   pushes them with ``transfer.push``; after a complete hit it pushes nothing. In strict mode
+   (``strict=True`` or ``BUNDLER_STRICT=1``) a session that should have been a warm start but
+   compiled a graph, tuned a kernel or built C++ raises :class:`IncompleteWarmStart`. Either way
+   one summary line is logged (``bundler.integrations.torch`` logger, INFO) and kept in
+   :meth:`CompileCache.summary_line`.
+
+The cache is never a dependency: a dead store, a missing, refused or corrupt bundle costs one
+warning (or one INFO line for a plain miss) and the job compiles. Key-bearing settings
+(``enable_remote_autograd_cache``, ``strict_autograd_cache``, the remote-cache switches, ...) are
+never changed: flipping one changes every Inductor/AOTAutograd key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from bundler.config import Settings
+from bundler.errors import BundlerError, ConfigError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CompileCache", "IncompleteWarmStart", "begin", "cache_dirs", "compile_cache", "end",
+    "environment_facts", "explain", "fact_differences", "ref_name",
+]
+
+#: Default ref prefix; ``compile_cache(ref="name")`` replaces it.
+REF_PREFIX = "torch"
+#: Layer names: the first path component of every member, and the ``dest`` mapping's keys.
+INDUCTOR, TRITON, PCH = "inductor", "triton", "pch"
+#: Facts that decide whether a bundle may be installed (all of them enter the ref name).
+COMPAT_FACTS = (
+    "torch", "torch_key", "triton", "python", "machine", "cpu_isa", "cpu_features", "device",
+    "device_name", "capability", "cuda", "hip", "cxx", "inductor_config", "functorch_config",
+    "tag", "torch_bundle_format",
+)
+#: Bumped when what a torch bundle holds (or where) changes incompatibly.
+TORCH_BUNDLE_FORMAT = "1"
+#: Counters that mean "this process compiled or tuned": strict mode's evidence. Not
+#: ``select_algorithm_autotune`` or ``benchmarking.*``: on an FX graph hit Inductor replays the
+#: cached graph's compile-time counter deltas (``codecache.py:1991``), and on an H200 a complete warm
+#: start from a bundle showed ``select_algorithm_autotune: 5`` and 105 benchmark calls it never
+#: ran. Compile-time tuning without a replay shows up as an FX miss; runtime tuning as
+#: ``coordesc_tuning_bench`` (never replayed) and as ``.best_config`` / ``.cubin`` files made anew.
+_WORK_COUNTERS = (
+    ("inductor", "fxgraph_cache_miss"),
+    ("aot_autograd", "autograd_cache_miss"),
+    ("inductor", "coordesc_tuning_bench"),
+)
+#: Files whose appearance during a warm start means work was redone (C++ builds, re-tuning, Triton).
+_WORK_SUFFIXES = (".so", ".gch", ".best_config", ".cubin", ".hsaco")
+#: Refs listed by explain() at most (each costs one GET).
+_EXPLAIN_MAX_REFS = 50
+
+
+class IncompleteWarmStart(BundlerError):
+    """Strict mode: a session that should have been a warm start compiled, tuned or built."""
+
+    exit_code = 3
+
+
+# --- where the caches live ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheDirs:
+    """The local directories a torch bundle spans, keyed by layer name (``None``: not separate)."""
+
+    inductor: Path
+    triton: Path | None
+    pch: Path | None
+
+    def layers(self) -> dict[str, Path]:
+        found = {INDUCTOR: self.inductor, TRITON: self.triton, PCH: self.pch}
+        return {name: path for name, path in found.items() if path is not None}
+
+
+def cache_dirs() -> CacheDirs:
+    """The Inductor, Triton and precompiled-header directories this process will use.
+
+    ``TORCHINDUCTOR_CACHE_DIR`` is set to Inductor's own default when unset (Inductor sets it the
+    same way on first use), so every later reader agrees on one place. ``TRITON_CACHE_DIR`` is
+    left alone: unset, Inductor puts Triton's kernels under ``<inductor>/triton/<device>``, which
+    the Inductor layer already covers. The precompiled headers live under Inductor's *default*
+    dir whatever ``TORCHINDUCTOR_CACHE_DIR`` says (``codecache._HEADER_DIR``); they are always
+    their own layer (``pch/``), also when that folder lies inside the Inductor dir, so a bundle
+    lands right whichever way producer and consumer set ``TORCHINDUCTOR_CACHE_DIR``.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    inductor = Path(os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
+    triton_env = os.environ.get("TRITON_CACHE_DIR")
+    triton = Path(os.path.abspath(triton_env)) if triton_env else None
+    pch = Path(os.path.abspath(os.path.join(default_cache_dir(), "precompiled_headers")))
+    return CacheDirs(
+        inductor=inductor,
+        triton=None if triton is None or _inside(triton, inductor) else triton,
+        pch=pch if _precompiled_headers_on() else None,
+    )
+
+
+def _precompiled_headers_on() -> bool:
+    from torch._inductor import config
+
+    return bool(getattr(config, "cpp_cache_precompile_headers", False)) and sys.platform != "win32"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+# --- compatibility facts --------------------------------------------------------------------------
+
+
+def environment_facts(tag: str | None = None) -> dict[str, str]:
+    """Everything that decides whether another machine's torch compile cache is safe and useful here.
+
+    All values are strings (they travel in the manifest's producer facts and the ref). Computing
+    them builds nothing: the CPU ISA is predicted from the CPU's features the way
+    ``cpu_vec_isa.pick_vec_isa`` picks it, without its trial compiles.
+    """
+    import torch
+    from torch._inductor.codecache import torch_key
+
+    facts = {
+        "torch": torch.__version__,
+        "torch_key": torch_key().hex(),
+        "triton": _triton_version(),
+        "python": "{}.{}".format(*sys.version_info[:2]),
+        "machine": platform.machine(),
+        "cpu_isa": _cpu_vec_isa(),
+        "cpu_features": ",".join(_cpu_features()) or "none",
+        "cxx": _compiler_version(),
+        "inductor_config": _config_hash("torch._inductor.config"),
+        "functorch_config": _config_hash("torch._functorch.config"),
+        "tag": tag or "",
+        "torch_bundle_format": TORCH_BUNDLE_FORMAT,
+        # informational: shown by explain, not compared (see docs/torch.md)
+        "cpu_model": _cpu_model(),
+        "torch_dir": os.path.dirname(torch.__file__),
+    }
+    facts.update(_device_facts())
+    return facts
+
+
+def ref_name(facts: Mapping[str, str], prefix: str = REF_PREFIX) -> str:
+    """``<prefix>/<hash of the compatibility facts>``: one ref per compatible environment."""
+    wanted = {name: facts.get(name, "") for name in COMPAT_FACTS}
+    digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:32]
+    return f"{prefix.rstrip('/')}/{digest}"
+
+
+def fact_differences(ours: Mapping[str, str], theirs: Mapping[str, Any]) -> list[str]:
+    """One phrase per compatibility fact that differs: ``cpu_isa avx2 here, avx512 in the bundle``."""
+    out = []
+    for name in COMPAT_FACTS:
+        here, there = ours.get(name, ""), str(theirs.get(name, ""))
+        if here != there:
+            out.append(f"{name} {_short(here)!s} here, {_short(there)!s} in the bundle")
+    return out
+
+
+def _short(value: str) -> str:
+    if value == "":
+        return "''"
+    return value if len(value) <= 24 else value[:12] + "..."
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - absent or broken: either way not usable by Inductor
+        return "none"
+    return str(getattr(triton, "__version__", "unknown"))
+
+
+def _cpu_features() -> list[str]:
+    try:
+        from torch._inductor.cpu_vec_isa import x86_isa_checker
+
+        return sorted(x86_isa_checker())
+    except Exception as exc:  # noqa: BLE001 - a private helper; never fail a job over it
+        log.debug("no CPU feature list (%s)", exc)
+        return []
+
+
+def _cpu_vec_isa() -> str:
+    """``str(pick_vec_isa())`` without the trial compiles ``pick_vec_isa`` runs on a cold cache.
+
+    Same rules as torch 2.13's ``cpu_vec_isa.pick_vec_isa`` / ``valid_vec_isa_list``: candidate
+    ISAs whose flags the CPU reports, then ``config.cpp.simdlen`` or ``ATEN_CPU_CAPABILITY``.
+    Where a trial compile would fail (a compiler too old for AVX512) the real pick is lower:
+    :meth:`CompileCache.end` checks that before it pushes.
+    """
+    try:
+        from torch._inductor import config
+        from torch._inductor import cpu_vec_isa as isa
+
+        if platform.machine() in ("x86_64", "AMD64") and sys.platform in ("linux", "win32"):
+            flags = set(isa.x86_isa_checker())
+            candidates = [v for v in isa.supported_vec_isa_list if all(f in flags for f in str(v).split())]
+        else:
+            candidates = isa.valid_vec_isa_list()  # no trial builds off x86
+        if config.is_fbcode() and platform.machine() in ("x86_64", "AMD64"):
+            return "avx2"
+        if not candidates:
+            return str(isa.invalid_vec_isa) or "none"
+        if config.cpp.simdlen is None:
+            picked = isa.get_isa_from_cpu_capability(
+                os.getenv("ATEN_CPU_CAPABILITY"), candidates, isa.invalid_vec_isa
+            )
+        else:
+            picked = next((v for v in candidates if v.bit_width() == config.cpp.simdlen), isa.invalid_vec_isa)
+        return str(picked) or "none"
+    except Exception as exc:  # noqa: BLE001
+        log.debug("could not predict the CPU vector ISA (%s)", exc)
+        return "unknown"
+
+
+def _picked_vec_isa() -> str:
+    """Inductor's real pick (runs its trial compiles unless cached): checked before a push."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        return str(pick_vec_isa()) or "none"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+@functools.cache
+def _compiler_version() -> str:
+    try:
+        from torch._inductor.cpp_builder import get_compiler_version_info, get_cpp_compiler
+
+        compiler = get_cpp_compiler()
+        info = get_compiler_version_info(compiler)
+        first = info.strip().splitlines()[0] if info.strip() else ""
+        return f"{os.path.basename(compiler)} {first}".strip()
+    except Exception as exc:  # noqa: BLE001 - no compiler: Inductor's CPU backend will say so itself
+        log.debug("no C++ compiler version (%s)", exc)
+        return "none"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _device_facts() -> dict[str, str]:
+    import torch
+
+    facts = {"device": "cpu", "device_name": "", "capability": "", "cuda": "", "hip": ""}
+    try:
+        if not torch.cuda.is_available():
+            return facts
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        if torch.version.hip is not None:
+            facts.update(device="hip", device_name=str(getattr(props, "gcnArchName", props.name)),
+                         hip=str(torch.version.hip))
+        else:
+            facts.update(device="cuda", device_name=props.name, cuda=str(torch.version.cuda))
+        facts["capability"] = f"{props.major}.{props.minor}"
+    except Exception as exc:  # noqa: BLE001 - a broken driver: compile for CPU facts only
+        log.debug("no GPU facts (%s)", exc)
+    return facts
+
+
+def _config_dict(module_name: str) -> dict[str, str]:
+    """The key-bearing settings of an Inductor/functorch config module, as strings.
+
+    ``save_config_portable`` is what Inductor hashes into its FX graph key (codecache
+    ``FxGraphHashDetails``): every setting but private ones and the ignored prefixes.
+    """
+    import importlib
+
+    module = importlib.import_module(module_name)
+    try:
+        portable = module.save_config_portable()
+    except Exception as exc:  # noqa: BLE001 - e.g. a custom pass without uuid(): Inductor bypasses too
+        log.debug("could not read %s settings (%s)", module_name, exc)
+        return {"<unreadable>": type(exc).__name__}
+    return {name: repr(value) for name, value in sorted(portable.items())}
+
+
+def _config_hash(module_name: str) -> str:
+    data = json.dumps(_config_dict(module_name), sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _settings_differences(ours: Mapping[str, str], theirs: Mapping[str, Any], what: str) -> list[str]:
+    names = sorted(set(ours) | set(theirs))
+    out = []
+    for name in names:
+        if ours.get(name) != theirs.get(name):
+            out.append(f"{what}.{name} {ours.get(name, 'unset')} here, {theirs.get(name, 'unset')} in the bundle")
+    return out
+
+
+# --- the session ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    files: dict[str, tuple[int, int]]  # member name -> (size, mtime_ns)
+
+    def changed_since(self, earlier: _Snapshot) -> list[str]:
+        return sorted(name for name, stat in self.files.items() if earlier.files.get(name) != stat)
+
+
+class CompileCache:
+    """One job's torch compile cache session: fetched at :meth:`begin`, pushed at :meth:`end`.
+
+    ``status`` after begin: ``hit`` (bundle installed), ``miss`` (no bundle for these facts),
+    ``refused`` (a ref whose facts differ), ``error`` (store or bundle failure: one warning) or
+    ``off`` (no remote configured).
+    """
+
+    def __init__(
+        self,
+        remote: str | None = None,
+        *,
+        ref: str | None = None,
+        tag: str | None = None,
+        strict: bool | None = None,
+        push: bool = True,
+        settings: Settings | None = None,
+        store: Any = None,
+    ) -> None:
+        self.settings = settings
+        self._remote = remote
+        self._ref_arg = ref
+        self._prefix = ref or REF_PREFIX
+        self._tag = tag
+        self._strict = strict
+        self._push = push
+        self._store = store
+        self.status = "off"
+        self.ref: str | None = None
+        self.facts: dict[str, str] = {}
+        self.dirs: CacheDirs | None = None
+        self.pulled_bytes = 0
+        self.pulled_files = 0
+        self.pushed_bytes = 0
+        self.pushed_digest: str | None = None
+        self.reason = ""
+        self.explanation = ""
+        self._producer_compile_s: float | None = None
+        self._before: dict[str, _Snapshot] = {}
+        self._counters_before: dict[tuple[str, str], int] = {}
+        self._compile_s_before = 0.0
+        self._started = 0.0
+        self._summary = ""
+        self._begun = self._ended = False
+
+    # -- begin ---------------------------------------------------------------------------------
+
+    def begin(self) -> CompileCache:
+        """Make the caches known and install this environment's bundle; never raises for the cache."""
+        if self._begun:
+            return self
+        self._begun = True
+        self._started = time.monotonic()
+        try:
+            self._resolve_settings()
+            self.dirs = cache_dirs()
+            self.facts = environment_facts(self._tag if self._tag is not None else self.settings.tag)
+            self.ref = ref_name(self.facts, self._prefix)
+        except ConfigError as exc:
+            log.warning("torch compile cache off: %s", exc)
+            self.status, self.reason = "off", str(exc)
+            return self
+        except Exception as exc:  # noqa: BLE001 - facts from private torch APIs; never fail the job
+            log.warning("torch compile cache off: could not read the environment (%s: %s)", type(exc).__name__, exc)
+            self.status, self.reason = "off", str(exc)
+            return self
+        self._counters_before = _work_counters()
+        self._compile_s_before = _inductor_compile_s()
+        if self.settings.remote:
+            self._fetch()
+        else:
+            self.reason = "no remote configured (BUNDLER_REMOTE)"
+        self._before = self._snapshot()
+        return self
+
+    def _resolve_settings(self) -> None:
+        if self.settings is None:
+            self.settings = Settings.from_env()
+        if self._remote is not None:
+            self.settings = self.settings.replace(remote=self._remote)
+        if self._ref_arg is None and self.settings.ref:
+            # BUNDLER_REF (e.g. the ref `bundler warm` bakes in CI) names the job; the facts hash
+            # is still appended, so another environment never installs this one's caches.
+            self._prefix = self.settings.ref
+        if self._strict is None:
+            self._strict = _strict_from_env(self.settings)
+
+    def _open_store(self) -> Any:
+        if self._store is None:
+            from bundler.remote.health import shared_store
+
+            self._store = shared_store(self.settings)
+        return self._store
+
+    def _fetch(self) -> None:
+        """Preflight the ref's facts, then pull, under the store failure policy and wait budget."""
+        from bundler.remote import health
+
+        self.status, self.reason = "error", "store or bundle unusable (see the warning above)"
+        health.guarded(self.settings, "read", self.ref or "", self._fetch_request)
+
+    def _fetch_request(self) -> None:
+        """Runs in ``health.guarded``'s worker: anything it raises is one warning and a compile."""
+        from bundler.remote.refs import read_ref
+
+        store = self._open_store()
+        try:
+            found = read_ref(store, self.ref, self.settings)
+        except NotFoundError:
+            self.status, self.reason = "miss", ""
+            self.explanation = self._explain_miss(store)
+            log.info("torch compile cache miss for %s: %s", self.ref, self.explanation)
+            return
+        differing = fact_differences(self.facts, found.producer)
+        if differing:
+            self.status = "refused"
+            self.reason = f"refused bundle {found.name}: {differing[0]}"
+            log.warning("torch compile cache %s; compiling", self.reason)
+            return
+        self._install(store, found)
+
+    def _install(self, store: Any, found: Any) -> None:
+        from bundler.integrations.torch_relocate import UnpackRewriter, relocate_entries
+        from bundler.remote import transfer
+
+        assert self.dirs is not None
+        layers = self.dirs.layers()
+        producer_dirs = dict(found.extra.get("dirs", {})) if isinstance(found.extra.get("dirs"), dict) else {}
+        missing = [name for name in producer_dirs if name not in layers]
+        for name in missing:  # the producer had TRITON_CACHE_DIR set, we do not: Inductor's device-0 dir
+            if name == TRITON:
+                layers[name] = self.dirs.inductor / "triton" / "0"
+        rewriter = UnpackRewriter(producer_dirs, {name: str(path) for name, path in layers.items()})
+        result = transfer.pull(store, layers, digest=found.digest, settings=self.settings, rewrite=rewriter)
+        members = [record.path for record in result.manifest.files]
+        moved = relocate_entries(layers[INDUCTOR], members, rewriter.moves)
+        if moved:
+            log.info("torch compile cache: pointed %d cache entries at this node's directories", moved)
+        self.status = "hit"
+        self.pulled_bytes = found.size
+        self.pulled_files = len(result.manifest.files)
+        compile_s = found.extra.get("inductor_compile_s")
+        self._producer_compile_s = float(compile_s) if isinstance(compile_s, int | float) else None
+        log.info("torch compile cache hit: %s (%d files, %d bytes)", found.name, self.pulled_files, found.size)
+
+    def _explain_miss(self, store: Any) -> str:
+        try:
+            return _nearest(store, self._prefix, self.facts, self.settings)
+        except Exception as exc:  # noqa: BLE001 - explaining is a courtesy
+            return f"no bundle for this environment (could not list others: {exc})"
+
+    # -- end -----------------------------------------------------------------------------------
+
+    def end(self, failed: bool = False) -> None:
+        """Push what the compile produced (unless this was a complete hit), check strict mode, log
+        the summary. ``failed``: the job raised; nothing is pushed and strict mode stays quiet."""
+        if not self._begun or self._ended:
+            return
+        self._ended = True
+        if self.dirs is None:
+            return
+        work = self._work_done()
+        added = self._added_files()
+        if not failed and self.settings is not None and self.settings.remote and self._push:
+            self._maybe_push(added)
+        self._summary = self._make_summary(work, added)
+        log.info("%s", self._summary)
+        if self._strict and not failed:
+            self._check_strict(work)
+
+    def _work_done(self) -> dict[str, int]:
+        after = _work_counters()
+        work = {f"{group}.{name}": after.get((group, name), 0) - self._counters_before.get((group, name), 0)
+                for group, name in after}
+        return {name: count for name, count in work.items() if count > 0}
+
+    def _added_files(self) -> dict[str, list[str]]:
+        if not self._before:
+            return {}
+        now = self._snapshot()
+        return {layer: now[layer].changed_since(self._before.get(layer, _Snapshot({})))
+                for layer in now}
+
+    def _maybe_push(self, added: dict[str, list[str]]) -> None:
+        """Push after a miss, or after a hit or failed fetch that still added files."""
+        from bundler.remote import health
+
+        if self.status in ("hit", "error", "refused") and not any(added.values()):
+            return  # a complete warm start (the bundle already describes this job), or nothing new
+        picked = _picked_vec_isa()
+        if picked not in (self.facts.get("cpu_isa"), "unknown"):
+            log.warning("torch compile cache: Inductor picked CPU ISA %s, predicted %s; not pushing a bundle "
+                        "whose facts would be wrong", picked, self.facts.get("cpu_isa"))
+            return
+        health.guarded(self.settings, "write", self.ref or "", self._push_now, wait=False)
+
+    def _push_now(self) -> None:
+        from bundler import keys
+        from bundler.integrations.torch_relocate import portable_source
+        from bundler.remote import transfer
+
+        assert self.dirs is not None and self.ref is not None
+        source = portable_source(self.dirs.layers(), _capture(self.dirs.layers()))
+        if not source:
+            return
+        producer = {**keys.producer_facts(), **self.facts}
+        extra = {
+            "dirs": {name: str(path) for name, path in self.dirs.layers().items()},
+            "inductor_compile_s": round(_inductor_compile_s() - self._compile_s_before, 3),
+            "inductor_settings": _config_dict("torch._inductor.config"),
+            "functorch_settings": _config_dict("torch._functorch.config"),
+        }
+        result = transfer.push(self._open_store(), source, ref=self.ref, ref_extra=extra, producer=producer,
+                               settings=self.settings)
+        self.pushed_bytes, self.pushed_digest = result.size, result.digest
+        log.info("torch compile cache: pushed %s (%d files, %d bytes) as %s",
+                 result.digest[:12], len(result.manifest.files), result.size, self.ref)
+
+    def _check_strict(self, work: dict[str, int]) -> None:
+        problems = [f"{name}={count}" for name, count in sorted(work.items())]
+        builds = self._cpp_builds()
+        if builds:
+            problems.append(f"cpp_builds={len(builds)} ({', '.join(builds[:3])})")
+        remade = self._remade_files()
+        if remade:
+            problems.append(f"files_made_anew={len(remade)} ({', '.join(remade[:3])})")
+        if self.status != "hit":
+            problems.insert(0, f"no bundle installed ({self.status}: {self.reason or self.explanation})")
+        if problems:
+            raise IncompleteWarmStart(
+                f"BUNDLER_STRICT: the torch compile cache {self.ref} did not give a complete warm start: "
+                + "; ".join(problems)
+                + ". Re-bake the bundle in the same environment (see `explain`), or unset BUNDLER_STRICT"
+            )
+
+    def _remade_files(self) -> list[str]:
+        """Tuning results and GPU binaries written during the session: runtime re-tuning."""
+        added = self._added_files() if self._before else {}
+        return [name for names in added.values() for name in names
+                if name.endswith(_WORK_SUFFIXES) and not name.endswith((".so", ".gch"))]
+
+    def _cpp_builds(self) -> list[str]:
+        added = self._added_files() if self._before else {}
+        return [name for names in added.values() for name in names if name.endswith((".so", ".gch"))]
+
+    def _make_summary(self, work: dict[str, int], added: dict[str, list[str]]) -> str:
+        elapsed = time.monotonic() - self._started
+        hits = _layer_counts()
+        parts = [f"torch compile cache {self.status}"]
+        if self.ref:
+            parts.append(f"ref {self.ref}")
+        parts.append(f"fx graphs {hits['fx_hit']} hit/{hits['fx_miss']} missed, "
+                     f"aot autograd {hits['aot_hit']} hit/{hits['aot_miss']} missed")
+        builds = sum(1 for names in added.values() for name in names if name.endswith((".so", ".gch")))
+        parts.append(f"C++ builds {builds}")
+        if self.pulled_bytes:
+            parts.append(f"pulled {self.pulled_files} files / {_mib(self.pulled_bytes)}")
+        if self.pushed_bytes:
+            parts.append(f"pushed {_mib(self.pushed_bytes)}")
+        if self._producer_compile_s is not None and self.status == "hit":
+            ours = _inductor_compile_s() - self._compile_s_before
+            parts.append(f"compile time saved ~{max(0.0, self._producer_compile_s - ours):.1f} s")
+        if self.status in ("refused", "error") and self.reason:
+            parts.append(self.reason)
+        if self.status == "miss" and self.explanation:
+            parts.append(self.explanation)
+        parts.append(f"session {elapsed:.1f} s")
+        return "; ".join(parts)
+
+    def summary_line(self) -> str:
+        """The one-line summary logged by :meth:`end` (empty before it)."""
+        return self._summary
+
+    def _snapshot(self) -> dict[str, _Snapshot]:
+        if self.dirs is None:
+            return {}
+        return {layer: _Snapshot(files) for layer, files in _scan(self.dirs.layers()).items()}
+
+    # -- context manager -------------------------------------------------------------------------
+
+    def __enter__(self) -> CompileCache:
+        return self.begin()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.end(failed=exc_type is not None)
+
+
+def compile_cache(
+    remote: str | None = None,
+    *,
+    ref: str | None = None,
+    tag: str | None = None,
+    strict: bool | None = None,
+    push: bool = True,
+    settings: Settings | None = None,
+) -> CompileCache:
+    """A torch compile cache session for a ``with`` block (see the module docstring).
+
+    ``remote``: store URL (default ``BUNDLER_REMOTE``); ``ref``: ref prefix naming the job
+    (default ``BUNDLER_REF``, else ``torch``; the environment's fact hash is appended, so under
+    ``bundler warm --ref NAME`` the session pulls and pushes ``NAME/<facts>`` itself); ``tag``: user salt (default
+    ``BUNDLER_TAG``); ``strict``: raise :class:`IncompleteWarmStart` when the job compiled anything
+    (default ``BUNDLER_STRICT``); ``push``: push after a miss (turn off on read-only nodes).
+    """
+    return CompileCache(remote, ref=ref, tag=tag, strict=strict, push=push, settings=settings)
+
+
+def begin(remote: str | None = None, **kwargs: Any) -> CompileCache:
+    """``compile_cache(...).begin()``: for scripts where a ``with`` block does not fit."""
+    return compile_cache(remote, **kwargs).begin()
+
+
+def end(session: CompileCache) -> None:
+    """Finish a session started with :func:`begin`."""
+    session.end()
+
+
+def explain(remote: str | None = None, *, ref: str | None = None, tag: str | None = None,
+            settings: Settings | None = None) -> str:
+    """Why this environment would hit or miss: the ref it would use and, if that is missing, the
+    nearest existing ref under the same prefix with every fact that differs."""
+    settings = settings or Settings.from_env()
+    if remote is not None:
+        settings = settings.replace(remote=remote)
+    if not settings.remote:
+        raise ConfigError("explain needs a store: pass remote= or set BUNDLER_REMOTE")
+    from bundler.remote.refs import read_ref
+    from bundler.stores import open_store
+
+    facts = environment_facts(tag if tag is not None else settings.tag)
+    prefix = ref or settings.ref or REF_PREFIX
+    name = ref_name(facts, prefix)
+    with open_store(settings.remote, settings) as store:
+        try:
+            found = read_ref(store, name, settings)
+        except NotFoundError:
+            return f"miss: no bundle {name}; " + _nearest(store, prefix, facts, settings)
+        differing = fact_differences(facts, found.producer)
+        if differing:
+            return f"refused: {name}: " + "; ".join(differing)
+        return f"hit: {name} ({found.size} bytes, made {found.created})"
+
+
+def _nearest(store: Any, prefix: str, facts: Mapping[str, str], settings: Settings) -> str:
+    """The ref under ``prefix/`` whose facts differ least from ours, and how they differ."""
+    from bundler.remote import layout
+    from bundler.remote.refs import read_ref
+
+    start = layout.REFS + prefix.rstrip("/") + "/"
+    infos = sorted(store.list(start), key=lambda info: str(info.modified or ""), reverse=True)
+    best: tuple[int, str, list[str], Any] | None = None
+    for info in infos[:_EXPLAIN_MAX_REFS]:
+        name = layout.ref_name_from_key(info.key)
+        if name is None:
+            continue
+        try:
+            other = read_ref(store, name, settings)
+        except BundlerError:
+            continue
+        differing = fact_differences(facts, other.producer)
+        if "inductor_config" in other.producer and other.producer.get("inductor_config") != facts.get(
+            "inductor_config"
+        ):
+            ours = _config_dict("torch._inductor.config")
+            theirs = other.extra.get("inductor_settings")
+            if isinstance(theirs, dict):
+                differing += _settings_differences(ours, theirs, "inductor")[:3]
+        if best is None or len(differing) < best[0]:
+            best = (len(differing), name, differing, other)
+    if best is None:
+        return f"no bundle under {prefix}/ in {store.url}: the first run of this job pushes one"
+    _, name, differing, _ = best
+    return f"nearest bundle {name} differs: " + "; ".join(differing)
+
+
+def _strict_from_env(settings: Settings) -> bool:
+    return settings.strict
+
+
+# --- counters and files ---------------------------------------------------------------------------
+
+
+def _work_counters() -> dict[tuple[str, str], int]:
+    from torch._dynamo.utils import counters
+
+    return {key: int(counters[key[0]].get(key[1], 0)) for key in _WORK_COUNTERS}
+
+
+def _layer_counts() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {
+        "fx_hit": int(counters["inductor"].get("fxgraph_cache_hit", 0)),
+        "fx_miss": int(counters["inductor"].get("fxgraph_cache_miss", 0)),
+        "aot_hit": int(counters["aot_autograd"].get("autograd_cache_hit", 0)),
+        "aot_miss": int(counters["aot_autograd"].get("autograd_cache_miss", 0)),
+    }
+
+
+def _inductor_compile_s() -> float:
+    """Seconds this process spent in Inductor's compile (``compile_fx_inner``), hits included."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+
+        return float(sum(compilation_time_metrics.get("compile_fx_inner", [])))
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def _skip(name: str) -> bool:
+    """Names never captured: locks, build and staging scratch, atomic-write temporaries."""
+    return (
+        name == "locks"
+        or name.endswith((".lock", ".tmp"))
+        or name.endswith("_CxxBuild")
+        or name.startswith((".bundler-staging-", "tmp."))
+        or (name.startswith(".") and name.endswith(".tmp"))
+    )
+
+
+def _walk(root: Path, nested: frozenset[str] = frozenset()) -> Iterator[tuple[str, os.DirEntry]]:
+    """Files under ``root``, skipping :func:`_skip` names and ``nested`` (other layers' roots)."""
+    stack = [(str(root), "")]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if _skip(entry.name):
+                continue
+            name = f"{rel}{entry.name}"
+            if entry.is_dir(follow_symlinks=False):
+                if entry.path not in nested:
+                    stack.append((entry.path, name + "/"))
+            elif entry.is_file(follow_symlinks=False):
+                yield name, entry
+
+
+def _scan(layers: Mapping[str, Path]) -> dict[str, dict[str, tuple[int, int]]]:
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    nested = _roots(layers)
+    for layer, root in layers.items():
+        files = {}
+        for name, entry in _walk(root, nested):
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                files[f"{layer}/{name}"] = (st.st_size, st.st_mtime_ns)
+        out[layer] = files
+    return out
+
+
+def _capture(layers: Mapping[str, Path]) -> dict[str, str]:
+    """Member name -> local path of every file in the layers (tree capture; see docs/torch.md)."""
+    out = {}
+    nested = _roots(layers)
+    for layer, root in layers.items():
+        for name, entry in _walk(root, nested):
+            out[f"{layer}/{name}"] = entry.path
+    return out
+
+
+def _roots(layers: Mapping[str, Path]) -> frozenset[str]:
+    return frozenset(str(root) for root in layers.values())

@@ -1,0 +1,367 @@
+"""torch.compile (Inductor) integration: real compiles in fresh processes, bundles over moto HTTP.
+
+Grouped by what can go wrong:
+- facts: the compatibility facts and the ref name they give (ISA, tag), computed without builds;
+- refusal and explanation: a ref whose facts differ is refused before its bundle is read; a miss
+  names the nearest bundle and the facts that differ;
+- relocation: pickled cache entries pointed at another directory without being unpickled;
+- failure policy: a dead store costs a warning, never the job;
+- end to end (slow): a cold process compiles and pushes to moto over HTTP; a fresh process with
+  empty caches at another path (the producer's directory renamed away) pulls and compiles nothing;
+  an ISA or tag change misses and says why; strict mode fails a job the bundle does not cover.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import pickletools
+import subprocess
+import sys
+import tarfile
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bundler.config import Settings  # noqa: E402
+from bundler.integrations import torch as bt  # noqa: E402
+from bundler.integrations.torch_relocate import relocate_entries, relocate_pickle  # noqa: E402
+from bundler.remote import health, transfer  # noqa: E402
+from bundler.stores import open_store  # noqa: E402
+
+from conftest import REGION, _boto_client  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "tests" / "scripts" / "torch_compile_job.py"
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+@pytest.fixture
+def isolated_inductor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Inductor's cache and default (precompiled header) dirs inside tmp_path, restored after."""
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "ATEN_CPU_CAPABILITY", "BUNDLER_STRICT",
+                 "BUNDLER_TAG", "BUNDLER_REMOTE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    return tmp_path / "inductor"
+
+
+# --- facts ----------------------------------------------------------------------------------------
+
+
+def test_facts_are_strings_and_name_the_isa(isolated_inductor: Path) -> None:
+    facts = bt.environment_facts("t")
+    assert all(isinstance(v, str) for v in facts.values())
+    for name in bt.COMPAT_FACTS:
+        assert name in facts
+    assert facts["torch"] == torch.__version__ and facts["tag"] == "t"
+    assert facts["cpu_isa"] == bt._picked_vec_isa(), "the predicted ISA must be the one Inductor picks"
+
+
+def test_isa_capability_and_tag_change_the_ref(isolated_inductor: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = bt.environment_facts("")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # Inductor then picks no vector ISA at all
+    other_isa = bt.environment_facts("")
+    assert other_isa["cpu_isa"] != base["cpu_isa"]
+    assert bt.ref_name(other_isa) != bt.ref_name(base)
+    assert any(d.startswith("cpu_isa ") for d in bt.fact_differences(other_isa, base))
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    tagged = bt.environment_facts("v2")
+    assert bt.ref_name(tagged) != bt.ref_name(base)
+    assert bt.fact_differences(tagged, base) == ["tag v2 here, '' in the bundle"]
+    assert bt.ref_name(base, "jobs/llama").startswith("jobs/llama/")
+
+
+def test_cache_dirs_respect_the_user_and_default_like_inductor(
+    isolated_inductor: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    dirs = bt.cache_dirs()
+    assert dirs.inductor == isolated_inductor
+    assert dirs.triton is None  # Triton's kernels live under <inductor>/triton/<device>
+    assert dirs.pch == tmp_path / "tmp" / f"torchinductor_{_user()}" / "precompiled_headers"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "tri"))
+    assert bt.cache_dirs().triton == tmp_path / "tri"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    unset = bt.cache_dirs()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(unset.inductor)
+    assert unset.pch == unset.inductor / "precompiled_headers"  # nested, yet its own layer
+    (unset.pch / "locks").mkdir(parents=True)
+    (unset.pch / "h.h.gch").write_bytes(b"x")
+    (unset.inductor / "ab").mkdir()
+    (unset.inductor / "ab" / "k.so").write_bytes(b"y")
+    assert sorted(bt._capture(unset.layers())) == ["inductor/ab/k.so", "pch/h.h.gch"]
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+# --- refusal, explanation, failures ---------------------------------------------------------------
+
+
+class _CountingStore:
+    """A store wrapper that counts bundle reads, to prove preflight happens before any download."""
+
+    def __init__(self, store) -> None:  # noqa: ANN001
+        self._store, self.bundle_reads = store, 0
+        self.url = store.url
+
+    def open_read(self, key: str, **kwargs):  # noqa: ANN201
+        if "/bundles/" in key:
+            self.bundle_reads += 1
+        return self._store.open_read(key, **kwargs)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._store, name)
+
+
+def _push_fake(store, facts: dict, ref: str, files: dict | None = None) -> None:  # noqa: ANN001
+    files = files or {"inductor/fxgraph/ab/fabc/entry": b"not a real entry"}
+    transfer.push(store, files, ref=ref, producer=facts, ref_extra={"dirs": {"inductor": "/nowhere/inductor"}})
+
+
+def test_preflight_refuses_a_ref_whose_facts_differ_before_downloading(
+    isolated_inductor: Path, local_store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    facts = bt.environment_facts("")
+    with open_store(local_store_url) as raw:
+        _push_fake(raw, {**facts, "cpu_isa": "avx512"}, bt.ref_name(facts))  # the name says ours, facts lie
+        store = _CountingStore(raw)
+        session = bt.CompileCache(local_store_url, store=store).begin()
+        assert session.status == "refused"
+        assert session.reason.endswith(f"cpu_isa {facts['cpu_isa']} here, avx512 in the bundle")
+        assert store.bundle_reads == 0
+        assert not (isolated_inductor / "fxgraph").exists()
+        session.end(failed=True)
+    assert "refused bundle" in caplog.text
+
+
+def test_miss_names_the_nearest_bundle_and_what_differs(isolated_inductor: Path, local_store_url: str) -> None:
+    facts = bt.environment_facts("")
+    elsewhere = {**facts, "cpu_isa": "avx512", "tag": "nightly"}
+    with open_store(local_store_url) as store:
+        _push_fake(store, elsewhere, bt.ref_name(elsewhere))
+        _push_fake(store, {**facts, "torch": "2.12.1", "cpu_isa": "x", "tag": "y"}, "torch/far-away")
+    line = bt.explain(local_store_url)
+    assert line.startswith(f"miss: no bundle {bt.ref_name(facts)}; nearest bundle {bt.ref_name(elsewhere)}")
+    assert "cpu_isa" in line and "tag '' here, nightly in the bundle" in line
+    session = bt.CompileCache(local_store_url, push=False).begin()
+    assert session.status == "miss" and "nearest bundle" in session.explanation
+    session.end()
+    assert "torch compile cache miss" in session.summary_line()
+
+
+def test_a_hit_lands_every_layer_where_inductor_looks(
+    isolated_inductor: Path, local_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Default dirs (TORCHINDUCTOR_CACHE_DIR unset): the header layer nests inside the Inductor dir."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    facts = bt.environment_facts("")
+    files = {"inductor/ab/cab.main.so": b"so", "inductor/fxgraph/ab/fkey/e": b"entry", "pch/c1.h.gch": b"gch",
+             "inductor/triton/0/K/__grp__k.json": json.dumps({"child_paths": {"k.cubin": "/old/K/k.cubin"}}).encode()}
+    with open_store(local_store_url) as store:
+        _push_fake(store, facts, bt.ref_name(facts), files)
+    session = bt.CompileCache(local_store_url).begin()
+    assert session.status == "hit", session.reason
+    root = session.dirs.inductor
+    assert (root / "ab" / "cab.main.so").read_bytes() == b"so"
+    assert (root / "precompiled_headers" / "c1.h.gch").read_bytes() == b"gch"
+    group = json.loads((root / "triton" / "0" / "K" / "__grp__k.json").read_bytes())
+    assert group["child_paths"]["k.cubin"] == str(root / "triton" / "0" / "K" / "k.cubin")
+    session.end()
+    assert "pushed" not in session.summary_line()  # a complete hit pushes nothing
+
+
+def test_a_dead_store_costs_a_warning_not_the_job(isolated_inductor: Path, aws_env: None,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(connect_timeout=0.5, read_timeout=0.5, max_attempts=1)
+    health.reset()
+    try:
+        session = bt.CompileCache("s3://nobucket/p?endpoint=http://127.0.0.1:9&addressing=path",
+                                  settings=settings).begin()
+        assert session.status == "error"
+        session.end()
+    finally:
+        health.reset()
+    assert "torch compile cache error" in session.summary_line()
+
+
+# --- relocation -----------------------------------------------------------------------------------
+
+
+class _Entry:
+    """Stands in for Inductor's pickled objects (a LocalAutotuneCache holding a .best_config path)."""
+
+    def __init__(self, **kw: object) -> None:
+        self.__dict__.update(kw)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Entry) and self.__dict__ == other.__dict__
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_relocate_pickle_rewrites_paths_and_keeps_everything_else(protocol: int) -> None:
+    old, new = "/producer/cache", "/a/much/longer/consumer/cache/dir"
+    long_source = "# kernel path: /producer/cache/ab/cab.py\n" + "x = 1\n" * 100
+    shared = f"{old}/df/d9.best_config"
+    obj = {"caches": [_Entry(key=shared), _Entry(key=shared)], "same": shared, "src": long_source,
+           "n": 3, "blob": b"/producer/cache in bytes stays", "other": "/elsewhere"}
+    data = pickle.dumps(obj, protocol=protocol)
+    out = relocate_pickle(data, {old: new})
+    assert out is not None
+    back = pickle.loads(out)
+    assert back["caches"][0].key == f"{new}/df/d9.best_config"
+    assert back["caches"][0] is back["caches"][1] or back["caches"][0] == back["caches"][1]
+    assert back["src"] == long_source.replace(old, new) and back["n"] == 3 and back["other"] == "/elsewhere"
+    if protocol >= 3:  # protocol 2 pickles bytes as a latin-1 str, which is rewritten like any str
+        assert back["blob"] == b"/producer/cache in bytes stays"
+    assert relocate_pickle(pickle.dumps({"a": "b"}), {old: new}) is None
+    assert relocate_pickle(b"not a pickle /producer/cache", {old: new}) is None
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_relocate_pickle_reaches_pickles_nested_in_bytes(protocol: int) -> None:
+    """Inductor pickles statically launched kernels (cubin paths) into bytes inside the FX entry:
+    left alone, a moved GPU cache recompiled every such kernel. Binary bytes stay untouched."""
+    old, new = "/producer/cache", "/consumer/cache/at/another/path"
+    kernel = pickle.dumps({"cubin_path": f"{old}/triton/0/AB/k.cubin", "n": 7}, protocol=protocol)
+    deeper = pickle.dumps({"inner": pickle.dumps({"p": f"{old}/x" + "y" * 300}, protocol=protocol)}, protocol=protocol)
+    binary = b"\x7fELF" + old.encode() + b"\0" * 8  # a cubin with the path in its debug info
+    data = pickle.dumps({"kernels": [kernel, deeper], "cubin": binary}, protocol=protocol)
+    back = pickle.loads(relocate_pickle(data, {old: new}))
+    assert pickle.loads(back["kernels"][0]) == {"cubin_path": f"{new}/triton/0/AB/k.cubin", "n": 7}
+    assert pickle.loads(pickle.loads(back["kernels"][1])["inner"])["p"].startswith(f"{new}/xyy")
+    assert back["cubin"] == binary
+
+
+def test_relocate_a_real_h200_fx_graph_entry(tmp_path: Path) -> None:
+    """The fixture's FX entry holds .best_config paths; the rewrite must still parse (never unpickled)."""
+    archive = FIXTURES / "default_caches.tar.gz"
+    if not archive.exists():
+        pytest.skip("fixtures not present")
+    with tarfile.open(archive) as tar:
+        member = next(m for m in tar.getmembers() if "/fxgraph/" in m.name and m.isfile())
+        data = tar.extractfile(member).read()  # type: ignore[union-attr]
+    old = "/tmp/probe_cache/default/inductor_cache_dir"
+    assert data.count(b".best_config") > 0 and old.encode() in data
+    out = relocate_pickle(data, {old: str(tmp_path / "here")})
+    assert out is not None
+    strings = [arg for op, arg, _ in pickletools.genops(io.BytesIO(out)) if isinstance(arg, str)]
+    assert not any(old in s for s in strings)
+    assert any(s.startswith(str(tmp_path / "here")) and s.endswith(".best_config") for s in strings)
+    # in place, as after a pull
+    entry = tmp_path / "ind" / "fxgraph" / "ab" / "fkey" / "entry"
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(data)
+    assert relocate_entries(tmp_path / "ind", ["inductor/fxgraph/ab/fkey/entry"], {old: "/x"}) == 1
+    assert old.encode() not in entry.read_bytes().split(b"runnable_graph_str")[0]
+
+
+# --- end to end in fresh processes (slow) ---------------------------------------------------------
+
+
+def _job(url: str, root: Path, *args: str, env: dict | None = None, check: bool = True) -> dict:
+    """The job with a ``compile_cache`` session on ``url``, in a fresh process (see :func:`_run`)."""
+    return _run(root, ["--bundle", url, *args], env=env, check=check)
+
+
+def _run(root: Path, argv: list[str], env: dict | None = None, check: bool = True) -> dict:
+    """Run the job in a fresh process with its own Inductor dir and default (tmp) dir under root."""
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("BUNDLER_", "TORCHINDUCTOR_", "TRITON_", "AWS_", "ATEN_CPU"))}
+    clean.update({
+        "TMPDIR": str(root / "tmp"),  # Inductor's default dir, where precompiled headers go
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",  # C++ builds in-process, so the job can count them
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true",
+        "PYTHONPATH": str(REPO) + os.pathsep + clean.get("PYTHONPATH", ""),
+    })
+    clean.update(env or {})
+    proc = subprocess.run([sys.executable, str(JOB), *argv], env=clean,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("JOB-REPORT ")]
+    report = json.loads(lines[-1][len("JOB-REPORT "):]) if lines else {}
+    report["returncode"], report["stderr"] = proc.returncode, proc.stderr
+    return report
+
+
+@pytest.mark.slow
+def test_bake_then_warm_start_elsewhere_then_misses_that_say_why(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    """One bake, then every consumer of it (one test, so xdist never bakes twice)."""
+    bucket = f"torch-{uuid.uuid4().hex[:12]}"
+    _boto_client(moto_endpoint).create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/caches?endpoint={moto_endpoint}&addressing=path"
+
+    # 1. cold: compiles, pushes to moto over HTTP
+    cold = _job(url, tmp_path / "producer")
+    assert cold["session"]["status"] == "miss", cold["summary"]
+    assert cold["inductor"]["fxgraph_cache_miss"] >= 1
+    assert "pushed" in cold["summary"], cold["stderr"][-3000:]
+    (tmp_path / "producer").rename(tmp_path / "producer.away")
+
+    # 2. a fresh process, empty caches at another path, strict: compiles and builds nothing
+    warm = _job(url, tmp_path / "consumer", "--strict")
+    assert warm["session"]["status"] == "hit", warm["summary"]
+    assert warm["inductor"].get("fxgraph_cache_miss", 0) == 0, warm["inductor"]
+    assert warm["inductor"]["fxgraph_cache_hit"] >= 1
+    assert warm["aot_autograd"].get("autograd_cache_miss", 0) == 0, warm["aot_autograd"]
+    assert warm["aot_autograd"]["autograd_cache_hit"] >= 1
+    assert [b for b in warm["cpp_builds"] if b != "header.i"] == [], warm["cpp_builds"]
+    assert len(warm["cpp_builds"]) <= 1
+    assert "C++ builds 0" in warm["summary"] and "pushed" not in warm["summary"]
+    assert warm["value"] == pytest.approx(cold["value"])
+    assert not (tmp_path / "producer").exists(), "the producer's directory was re-created"
+
+    # 3. another CPU vector ISA: a miss (never the AVX2 bundle), and the explanation names the ISA
+    isa = _job(url, tmp_path / "isa", "--dry", "--no-push", env={"ATEN_CPU_CAPABILITY": "default"})
+    assert isa["session"]["status"] == "miss"
+    assert "cpu_isa" in isa["session"]["explanation"], isa["session"]["explanation"]
+    assert not (tmp_path / "isa" / "inductor" / "fxgraph").exists()
+
+    # 4. another tag: a miss that names the tag
+    tag = _job(url, tmp_path / "tag", "--dry", "--no-push", "--tag", "other")
+    assert tag["session"]["status"] == "miss"
+    assert "tag other here, '' in the bundle" in tag["session"]["explanation"]
+
+    # 5. strict mode fails a job the bundle does not cover (another model: the FX graph misses)
+    broken = _job(url, tmp_path / "strict", "--strict", "--no-push", "--width", "16", "--layers", "1",
+                  check=False)
+    assert broken["returncode"] != 0
+    assert "IncompleteWarmStart" in broken["stderr"] and "fxgraph_cache_miss=" in broken["stderr"]
+
+
+@pytest.mark.slow
+def test_remote_backend_serves_entries_with_the_local_cache_empty(moto_endpoint: str, tmp_path: Path) -> None:
+    """torch_remote: FX graph and AOTAutograd entries come from moto one by one; no setting changed."""
+    bucket = f"torch-remote-{uuid.uuid4().hex[:8]}"
+    _boto_client(moto_endpoint).create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/caches?endpoint={moto_endpoint}&addressing=path"
+    small = ("--width", "16", "--layers", "1")
+    first = _run(tmp_path / "first", ["--remote-cache", url, *small])
+    assert first["remote_installed"] is True
+    assert first["inductor"]["fxgraph_cache_miss"] >= 1
+    keys = [o["Key"] for o in _boto_client(moto_endpoint).list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.startswith("caches/v1/inductor/") for k in keys), keys
+    second = _run(tmp_path / "second", ["--remote-cache", url, *small])
+    assert second["inductor"].get("fxgraph_cache_miss", 0) == 0, second["inductor"]
+    assert second["inductor"]["fxgraph_cache_hit"] >= 1
+    assert second["aot_autograd"].get("autograd_cache_hit", 0) >= 1, second["aot_autograd"]
+    assert "hit: 0" not in second["remote_cache_stats"].get("backend:StoreCacheBackend", "hit: 0")
+    assert second["value"] == pytest.approx(first["value"])
+
