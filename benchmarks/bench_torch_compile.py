@@ -76,15 +76,18 @@ def main() -> None:
             shutil.rmtree(base, ignore_errors=True)
     print(f"torch {__import__('torch').__version__}, MLP {args.layers}x{args.width}, batch 8, fwd+bwd, "
           f"{args.repeat} rounds (medians, seconds)")
-    print("| phase | begin (facts, fetch, unpack) | first step (compile incl.) | total |")
-    print("| --- | --- | --- | --- |")
+    print("| phase | begin (facts, fetch, unpack) | first step (compile incl.) | total | every round's total |")
+    print("| --- | --- | --- | --- | --- |")
     med = {}
     for name, rows in results.items():
         b = statistics.median(r[0] for r in rows)
         f = statistics.median(r[1] for r in rows)
         t = statistics.median(r[0] + r[1] for r in rows)
         med[name] = t
-        print(f"| {name} | {b:.2f} | {f:.2f} | {t:.2f} |")
+        every = ", ".join(f"{r[0] + r[1]:.2f}" for r in rows)
+        print(f"| {name} | {b:.2f} | {f:.2f} | {t:.2f} | {every} |")
+    ratios = sorted((b[0] + b[1]) / (w[0] + w[1]) for b, w in zip(results["warm-from-bundle"], results["warm-local"], strict=True))
+    print(f"per-round warm-from-bundle / warm-local: {', '.join(f'{r:.2f}x' for r in ratios)}")
     print(f"warm-from-bundle / warm-local: {med['warm-from-bundle'] / med['warm-local']:.2f}x; "
           f"cold / warm-from-bundle: {med['cold'] / med['warm-from-bundle']:.1f}x")
     print("\n".join(notes))
