@@ -77,9 +77,36 @@ def _trickle(conn: socket.socket, stop: threading.Event) -> None:
         conn.close()
 
 
+def _slow(conn: socket.socket, stop: threading.Event) -> None:
+    """Steady but far too slow for its size (2 KiB/s of 10 MB): only a deadline stops this."""
+    conn.settimeout(5)
+    try:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\nETag: \"x\"\r\n"
+                     b"Content-Type: application/octet-stream\r\n\r\n")
+        while not stop.wait(0.5):
+            conn.sendall(b"{" * 1024)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+_HANDLERS = {"black hole": _black_hole, "trickle": _trickle, "slow": _slow}
+
+
 @pytest.fixture(params=["black hole", "trickle"])
 def hostile_endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
-    server = _Server(_black_hole if request.param == "black hole" else _trickle)
+    server = _Server(_HANDLERS[request.param])
+    yield server.url
+    server.close()
+
+
+@pytest.fixture(params=["black hole", "slow"])
+def unfinishable_endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Endpoints no per-read rule ends in time: silence within botocore's retries, or a steady
+    2 KiB/s that passes the too-slow check. Only the command's deadline stops these."""
+    server = _Server(_HANDLERS[request.param])
     yield server.url
     server.close()
 
@@ -139,7 +166,8 @@ def test_a_job_waits_at_most_the_budget_and_warns_once(tmp_path: Path, hostile_e
 
 
 @pytest.mark.slow
-def test_pull_with_a_timeout_exits_5_in_time(tmp_path: Path, hostile_endpoint: str) -> None:
+def test_pull_with_a_timeout_exits_5_in_time(tmp_path: Path, unfinishable_endpoint: str) -> None:
+    hostile_endpoint = unfinishable_endpoint
     env = _env(tmp_path, hostile_endpoint)
     started = time.monotonic()
     done = subprocess.run(
@@ -172,3 +200,25 @@ def test_a_trickling_body_stops_at_the_deadline(tmp_path: Path, aws_env: None) -
         assert time.monotonic() - started < 1.5 + 1.0
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_a_trickling_store_fails_a_pull_even_without_a_timeout(tmp_path: Path) -> None:
+    """A body slower than 1 KiB per read-timeout window counts as broken: re-requested, then an
+    error (exit 5), so no trickle keeps a command running however long its data would take."""
+    server = _Server(_trickle)
+    try:
+        env = _env(tmp_path, server.url, BUNDLER_READ_TIMEOUT="1", BUNDLER_MAX_ATTEMPTS="2")
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "bundler", "pull", "--ref", "llama/h100", "--into", str(tmp_path / "into")],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        took = time.monotonic() - started
+    finally:
+        server.close()
+    assert done.returncode == 5, done.stderr
+    assert took < 20, took  # two 1 s windows plus retries' back-off and start-up, not minutes
+    lines = done.stderr.strip().splitlines()
+    assert "too slowly" in lines[-1] or "Range" in lines[-1]  # our fake server ignores Range on the re-request
+    assert lines[-1].startswith("bundler: error:") and "v1/refs/llama/h100.json" in lines[-1]

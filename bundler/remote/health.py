@@ -229,13 +229,13 @@ def _in_worker(request: Callable[[], T], call_deadline: deadline.Deadline, limit
 
 def _reason(exc: BaseException) -> str:
     """One short phrase for a warning line (the whole story goes to DEBUG): our errors by their
-    message's first clause, anything else by its class and message, cut at 70 characters."""
+    message's first clause, anything else by its class and message, cut at 56 characters."""
     text = str(exc).splitlines()[0] if str(exc) else ""
     if not isinstance(exc, StoreError):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     else:
         text = text.split(";")[0]
-    return text if len(text) <= 70 else text[:67] + "..."
+    return text if len(text) <= 56 else text[:53] + "..."
 
 
 def _short(key: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, TypeVar
@@ -35,6 +36,35 @@ logger = logging.getLogger(__name__)
 
 #: Bytes taken from the socket per read on the single-stream path.
 STREAM_CHUNK = 1 << 20
+#: A body that delivers fewer bytes than this over a whole read-timeout window is treated as
+#: broken and re-requested (curl's ``--speed-limit``): a store trickling a byte a second never
+#: trips the socket's read timeout, since every read gets its byte in time. Any working store
+#: sends megabytes in that window; the attempts budget then bounds the whole read.
+MIN_BYTES_PER_WINDOW = 1024
+
+
+class BodyTooSlowError(ConnectionError):
+    """A response body arriving slower than :data:`MIN_BYTES_PER_WINDOW` per read-timeout window."""
+
+
+class _Pace:
+    """Watches one body's arrival rate; raises :class:`BodyTooSlowError` on a trickle."""
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._start = time.monotonic()
+        self._bytes = 0
+
+    def feed(self, count: int, key: str) -> None:
+        self._bytes += count
+        now = time.monotonic()
+        if now - self._start < self._window:
+            return
+        if self._bytes < MIN_BYTES_PER_WINDOW:
+            raise BodyTooSlowError(
+                f"{key}: {self._bytes} bytes in {now - self._start:.1f} s; the store sends too slowly"
+            )
+        self._start, self._bytes = now, 0
 
 T = TypeVar("T")
 
@@ -48,7 +78,7 @@ def open_object(obj: S3Object, settings: Settings, progress: Progress) -> Binary
     """
     response = obj.call("GetObject")
     size = int(response["ContentLength"])
-    source = _RangeSource(obj, response.get("ETag"), settings.max_attempts)
+    source = _RangeSource(obj, response.get("ETag"), settings.max_attempts, settings.read_timeout)
     if size > settings.multipart_threshold and size > settings.multipart_chunksize:
         reader: ChunkReader = _RangedReader(source, response["Body"], size, settings, progress)
     else:
@@ -59,10 +89,11 @@ def open_object(obj: S3Object, settings: Settings, progress: Progress) -> Binary
 class _RangeSource:
     """Re-requests byte ranges of one pinned object version, and retries broken bodies."""
 
-    def __init__(self, obj: S3Object, etag: str | None, attempts: int) -> None:
+    def __init__(self, obj: S3Object, etag: str | None, attempts: int, window: float) -> None:
         self.obj = obj
         self._etag = etag
         self._attempts = attempts
+        self.window = window  # the read timeout: the span over which a body must make progress
 
     def get(self, start: int, end: int | None = None) -> Any:
         """The body of bytes ``start`` .. ``end`` (exclusive; None = to the end)."""
@@ -91,7 +122,7 @@ class _RangeSource:
         if failures >= self._attempts:
             mapped = to_store_error(exc, "GetObject", self.obj.key, self.obj.ctx)
             raise (mapped or StoreError(f"GetObject {self.obj.key}: {exc}")) from exc
-        logger.warning("s3://%s/%s: %s broke off (%s); re-requesting", self.obj.bucket, self.obj.key, what, exc)
+        logger.info("s3://%s/%s: %s broke off (%s); re-requesting", self.obj.bucket, self.obj.key, what, exc)
 
 
 def _check_content_range(response: dict[str, Any], start: int, end: int | None, obj: S3Object) -> None:
@@ -126,15 +157,17 @@ def read_some(body: Any, n: int) -> bytes:
     return body.read(min(n, 64 << 10))
 
 
-def _read_exactly(body: Any, n: int, until: deadline.Deadline, key: str) -> bytes:
-    """All ``n`` bytes of a ranged body; a short body is a transient failure like any other."""
+def _read_exactly(body: Any, n: int, until: deadline.Deadline, key: str, window: float) -> bytes:
+    """All ``n`` bytes of a ranged body; a short or trickling body is a transient failure."""
     from botocore.exceptions import IncompleteReadError
 
     parts = []
     got = 0
+    pace = _Pace(window)
     while got < n:
         until.check(f"GetObject {key}")
         chunk = read_some(body, n - got)
+        pace.feed(len(chunk), key)
         if not chunk:
             raise IncompleteReadError(actual_bytes=got, expected_bytes=n)
         parts.append(chunk)
@@ -152,6 +185,7 @@ class _StreamReader(ChunkReader):
         self._size = size
         self._offset = 0
         self._failures = 0
+        self._pace = _Pace(source.window)
 
     def _next_chunk(self) -> bytes:
         """The next piece; a break re-opens at the offset, at most ``max_attempts - 1`` times per stream.
@@ -174,7 +208,9 @@ class _StreamReader(ChunkReader):
         if self._body is None:
             self.deadline.check(f"GetObject {self._source.obj.key}")
             self._body = self._source.get(self._offset)
+            self._pace = _Pace(self._source.window)
         chunk = read_some(self._body, min(STREAM_CHUNK, self._size - self._offset))
+        self._pace.feed(len(chunk), self._source.obj.key)
         if not chunk:
             raise IncompleteReadError(actual_bytes=self._offset, expected_bytes=self._size)
         self._offset += len(chunk)
@@ -228,7 +264,7 @@ class _RangedReader(ChunkReader):
         if body is None:
             body = self._source.get(start, end)
         try:
-            return _read_exactly(body, end - start, self.deadline, self._source.obj.key)
+            return _read_exactly(body, end - start, self.deadline, self._source.obj.key, self._source.window)
         finally:
             body.close()
 
