@@ -95,3 +95,27 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_writer(path) as f:
         f.write(data)
+
+
+#: This host's name as it appears in the names of temp and staging files (safe in a file name).
+HOST = "".join(c if c.isalnum() or c in "._" else "_" for c in os.uname().nodename)[:64] or "host"
+
+
+def owner_is_gone(name_parts: list[str]) -> bool:
+    """Whether a leftover named ``<host>-<pid>-...`` (already split on ``-``) was made by a process
+    that no longer runs on this host. Anything this host cannot rule out (another host's file, a
+    live pid, one owned by another user, an old-style name) counts as alive: callers fall back to
+    an age rule, since hosts sharing a folder cannot see each other's processes.
+    """
+    if len(name_parts) < 3 or name_parts[0] != HOST or not name_parts[1].isdigit():
+        return False
+    pid = int(name_parts[1])
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, owned by another user
+    return False

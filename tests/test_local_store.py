@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler import fileio
 from bundler.errors import AccessDeniedError, ConfigError, StoreError
 from bundler.stores.local import FileOps, LocalStore
 
@@ -142,11 +143,10 @@ def _age(path: Path, seconds: float) -> None:
 
 
 def test_temp_files_of_killed_writers_are_swept_by_the_next_write_into_that_folder(tmp_path: Path) -> None:
-    from bundler.stores import local
 
     folder = tmp_path / "v1" / "bundles"
     folder.mkdir(parents=True)
-    host = local._HOST
+    host = fileio.HOST
     planted = {
         f".tmp-{host}-{_dead_pid()}-0011223344556677-a.tar.zst": (120, False),  # dead writer on this host
         f".tmp-{host}-{_dead_pid()}-8899aabbccddeeff-b.tar.zst": (5, True),  # dead, but only just: grace

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler import fileio
 from bundler.bundle import archive, placement
 from bundler.config import Settings
 from bundler.errors import LocalCacheError, UnsafeMemberError
@@ -376,8 +377,8 @@ def _dead_pid() -> int:
 
 
 def test_staging_of_a_dead_process_on_this_host_is_swept_at_once(tmp_path):
-    dead = tmp_path / f"{placement.STAGING_PREFIX}{placement._HOST}-{_dead_pid()}-0123abcd"
-    alive = tmp_path / f"{placement.STAGING_PREFIX}{placement._HOST}-{os.getppid()}-0123abcd"
+    dead = tmp_path / f"{placement.STAGING_PREFIX}{fileio.HOST}-{_dead_pid()}-0123abcd"
+    alive = tmp_path / f"{placement.STAGING_PREFIX}{fileio.HOST}-{os.getppid()}-0123abcd"
     other_host = tmp_path / f"{placement.STAGING_PREFIX}another_host-{_dead_pid()}-0123abcd"
     for folder in (dead, alive, other_host):
         write_tree(folder, {"t/k/partial.bin": b"partial"})

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from bundler.errors import LocalCacheError, UnsafeMemberError
-from bundler.fileio import REAL_OPS, FileOps
+from bundler.fileio import HOST, REAL_OPS, FileOps, owner_is_gone
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ class _Root:
 
     def _make_staging(self) -> None:
         for _ in range(100):
-            name = f"{STAGING_PREFIX}{_HOST}-{os.getpid()}-{os.urandom(6).hex()}"
+            name = f"{STAGING_PREFIX}{HOST}-{os.getpid()}-{os.urandom(6).hex()}"
             try:
                 self.ops.mkdir(name, 0o700, dir_fd=self.fd)
             except FileExistsError:
@@ -695,7 +695,6 @@ STALE_STAGING_SECONDS = 3600
 #: How often a live unpack refreshes its staging folders' mtime (well under the above).
 _KEEP_ALIVE_SECONDS = 60
 #: This host, as it appears in staging folder names: letters, digits, '.' and '_' only.
-_HOST = "".join(c if c.isalnum() or c in "._" else "_" for c in os.uname().nodename)[:64] or "host"
 
 
 def _abandoned(name: str, mtime: float, cutoff: float) -> bool:
@@ -705,16 +704,7 @@ def _abandoned(name: str, mtime: float, cutoff: float) -> bool:
     can be reused, so the hour stays the rule for everything this host cannot rule out.
     """
     parts = name[len(STAGING_PREFIX) :].split("-")
-    if len(parts) == 3 and parts[0] == _HOST and parts[1].isdigit():
-        pid = int(parts[1])
-        if pid > 0 and pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            except OSError:
-                pass  # alive, owned by another user
-    return mtime < cutoff
+    return (len(parts) == 3 and owner_is_gone(parts)) or mtime < cutoff
 
 
 def _sweep_stale_staging(root_fd: int, root: str) -> None:

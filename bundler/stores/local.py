@@ -22,7 +22,7 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from bundler.errors import AccessDeniedError, ConfigError, NotFoundError, StoreError
-from bundler.fileio import FileOps
+from bundler.fileio import HOST, FileOps, owner_is_gone
 from bundler.progress import NULL_PROGRESS, Progress
 from bundler.stores.base import ObjectInfo, Store
 from bundler.stores.streams import ChunkReader
@@ -40,7 +40,6 @@ STALE_TEMP_SECONDS = 3600
 _DEAD_WRITER_GRACE_S = 60
 _SWEEP_EVERY_S = 60.0
 #: This host, as it appears in temp file names: letters, digits, '.' and '_' only.
-_HOST = "".join(c if c.isalnum() or c in "._" else "_" for c in os.uname().nodename)[:64] or "host"
 _COPY_CHUNK = 1 << 20
 # link() errors that mean "this filesystem has no hard links", not "the name is taken".
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
@@ -166,7 +165,7 @@ class LocalStore(Store):
         4. the temp file is removed whatever happens, so a full disk leaves nothing behind.
         """
         path = key_path(self.root, key)
-        tmp = path.with_name(f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-{secrets.token_hex(8)}-{path.name}")
+        tmp = path.with_name(f"{_TMP_PREFIX}{HOST}-{os.getpid()}-{secrets.token_hex(8)}-{path.name}")
         progress.start(total=size)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,15 +256,8 @@ def _abandoned_temp(name: str, mtime: float, cutoff: float) -> bool:
     the hour stays the rule for everything this host cannot rule out.
     """
     parts = name[len(_TMP_PREFIX) :].split("-", 3)
-    if len(parts) == 4 and parts[0] == _HOST and parts[1].isdigit():
-        pid = int(parts[1])
-        if pid > 0 and pid != os.getpid() and mtime < time.time() - _DEAD_WRITER_GRACE_S:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            except OSError:
-                pass  # alive, owned by another user
+    if len(parts) == 4 and mtime < time.time() - _DEAD_WRITER_GRACE_S and owner_is_gone(parts):
+        return True
     return mtime < cutoff
 
 
