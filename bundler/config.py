@@ -138,6 +138,9 @@ class Settings:
         strict (``BUNDLER_STRICT``): a warm start that still compiled a graph, tuned a kernel or
             built C++ fails with a message naming what missed (the torch.compile integration), so
             CI catches a broken bake. Judged by PyTorch's own counters, never by timings.
+        torch_backports (``BUNDLER_TORCH_BACKPORTS``, default on): torch sessions apply upstream
+            Inductor fixes a warm start needs where the installed torch lacks them (today
+            pytorch#172819: coordinate descent re-run on every warm start); ``0`` leaves torch as is.
         warm (``BUNDLER_WARM``): set by ``bundler warm`` for the command it runs. Sessions then
             pull as usual but leave pushing to ``bundler warm``, which pushes the union of what was
             pulled and what the run added once the command succeeded (one bundle, one ref move).
@@ -179,6 +182,7 @@ class Settings:
     ref: str | None = None
     warm: bool = False
     strict: bool = False
+    torch_backports: bool = True
     log: str | None = None
 
     def __post_init__(self) -> None:
@@ -333,6 +337,7 @@ _ENV_NAMES = {
     "ref": "BUNDLER_REF",
     "warm": "BUNDLER_WARM",
     "strict": "BUNDLER_STRICT",
+    "torch_backports": "BUNDLER_TORCH_BACKPORTS",
     "log": "BUNDLER_LOG",
 }
 
@@ -367,5 +372,6 @@ _PARSERS = {
     "ref": _opt_str,
     "warm": parse_bool,
     "strict": parse_bool,
+    "torch_backports": parse_bool,
     "log": _opt_str,
 }
