@@ -328,6 +328,14 @@ def test_bake_then_warm_start_elsewhere_then_misses_that_say_why(
     assert warm["value"] == pytest.approx(cold["value"])
     assert not (tmp_path / "producer").exists(), "the producer's directory was re-created"
 
+    # 2b. the fetch runs in the background: the first compile starts before the bundle is there
+    #     (the download is held until then) and waits for it, so it still hits
+    held = _job(url, tmp_path / "held", "--strict", "--hold-fetch")
+    assert held["session"]["gate_held"] is True, held["stderr"][-3000:]
+    assert held["session"]["status"] == "hit", held["summary"]
+    assert held["inductor"].get("fxgraph_cache_miss", 0) == 0, held["inductor"]
+    assert held["aot_autograd"].get("autograd_cache_miss", 0) == 0, held["aot_autograd"]
+
     # 3. another CPU vector ISA: a miss (never the AVX2 bundle), and the explanation names the ISA
     isa = _job(url, tmp_path / "isa", "--dry", "--no-push", env={"ATEN_CPU_CAPABILITY": "default"})
     assert isa["session"]["status"] == "miss"

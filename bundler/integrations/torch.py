@@ -52,6 +52,7 @@ import logging
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -92,6 +93,8 @@ _WORK_COUNTERS = (
 )
 #: Files whose appearance during a warm start means work was redone (C++ builds, re-tuning, Triton).
 _WORK_SUFFIXES = (".so", ".gch", ".best_config", ".cubin", ".hsaco")
+#: Seconds a compile waits for the session's facts beyond the store's wait budget.
+_FACTS_MARGIN_S = 30.0
 #: Refs listed by explain() at most (each costs one GET).
 _EXPLAIN_MAX_REFS = 50
 
@@ -357,6 +360,23 @@ class _Snapshot:
         return sorted(name for name, stat in self.files.items() if earlier.files.get(name) != stat)
 
 
+class _Outcome:
+    """A session attribute that is known once :meth:`CompileCache.begin`'s background work is:
+    reading it waits for that work; the work itself writes the private field behind it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.field = "_" + name
+
+    def __get__(self, session: Any, owner: type | None = None) -> Any:
+        if session is None:
+            return self
+        session.wait()
+        return getattr(session, self.field)
+
+    def __set__(self, session: Any, value: Any) -> None:
+        setattr(session, self.field, value)
+
+
 class CompileCache:
     """One job's torch compile cache session: fetched at :meth:`begin`, pushed at :meth:`end`.
 
@@ -364,6 +384,14 @@ class CompileCache:
     ``refused`` (a ref whose facts differ), ``error`` (store or bundle failure: one warning) or
     ``off`` (no remote configured).
     """
+
+    status = _Outcome()
+    ref = _Outcome()
+    facts = _Outcome()
+    reason = _Outcome()
+    explanation = _Outcome()
+    pulled_bytes = _Outcome()
+    pulled_files = _Outcome()
 
     def __init__(
         self,
@@ -373,6 +401,7 @@ class CompileCache:
         tag: str | None = None,
         strict: bool | None = None,
         push: bool = True,
+        background: bool = True,
         settings: Settings | None = None,
         store: Any = None,
     ) -> None:
@@ -384,16 +413,19 @@ class CompileCache:
         self._strict = strict
         self._push = push
         self._store = store
-        self.status = "off"
-        self.ref: str | None = None
-        self.facts: dict[str, str] = {}
+        self._background = background
+        self._worker: threading.Thread | None = None
+        self._done = threading.Event()
+        self._status = "off"
+        self._ref: str | None = None
+        self._facts: dict[str, str] = {}
         self.dirs: CacheDirs | None = None
-        self.pulled_bytes = 0
-        self.pulled_files = 0
+        self._pulled_bytes = 0
+        self._pulled_files = 0
         self.pushed_bytes = 0
         self.pushed_digest: str | None = None
-        self.reason = ""
-        self.explanation = ""
+        self._reason = ""
+        self._explanation = ""
         self._producer_compile_s: float | None = None
         self._before: dict[str, _Snapshot] = {}
         self._counters_before: dict[tuple[str, str], int] = {}
@@ -401,36 +433,88 @@ class CompileCache:
         self._started = 0.0
         self._summary = ""
         self._begun = self._ended = False
+        self._prepare_s: float | None = None
+        self._held_s = 0.0
 
     # -- begin ---------------------------------------------------------------------------------
 
     def begin(self) -> CompileCache:
-        """Make the caches known and install this environment's bundle; never raises for the cache."""
+        """Make the caches known and start installing this environment's bundle; never raises for
+        the cache. The facts, ref lookup, download and unpack run on a background thread (unless
+        ``background=False``), so they overlap the job's own start-up; Inductor's first compile
+        waits for them (:mod:`bundler.integrations.torch_gate`), and so does reading ``status`` or
+        any other outcome attribute."""
         if self._begun:
             return self
         self._begun = True
         self._started = time.monotonic()
         try:
             self._resolve_settings()
-            self.dirs = cache_dirs()
-            self.facts = environment_facts(self._tag if self._tag is not None else self.settings.tag)
-            self.ref = ref_name(self.facts, self._prefix)
+            self.dirs = cache_dirs()  # before anything imports Inductor's caches: they read the env
         except ConfigError as exc:
             log.warning("torch compile cache off: %s", exc)
-            self.status, self.reason = "off", str(exc)
+            self._status, self._reason = "off", str(exc)
             return self
-        except Exception as exc:  # noqa: BLE001 - facts from private torch APIs; never fail the job
+        except Exception as exc:  # noqa: BLE001 - private torch APIs; never fail the job
             log.warning("torch compile cache off: could not read the environment (%s: %s)", type(exc).__name__, exc)
-            self.status, self.reason = "off", str(exc)
+            self._status, self._reason = "off", str(exc)
             return self
+        if self.settings.torch_backports:
+            from bundler.integrations import torch_backports
+
+            torch_backports.install()
         self._counters_before = _work_counters()
         self._compile_s_before = _inductor_compile_s()
+        if not self._background:
+            self._prepare()
+            self._done.set()
+            return self
+        from bundler.integrations import torch_gate
+
+        self._worker = threading.Thread(target=self._prepare_in_background, name="bundler-torch-fetch", daemon=True)
+        self._worker.start()
+        torch_gate.hold_until(self._done, self._wait_limit_s(), "the bundle")
+        return self
+
+    def wait(self, timeout: float | None = None) -> CompileCache:
+        """Block until :meth:`begin`'s background work is done (``timeout``: default the pull budget
+        plus a margin); outcome attributes (``status``, ``ref``, ``facts``, ...) do this for you."""
+        if self._worker is not None and threading.current_thread() is not self._worker:
+            self._done.wait(self._wait_limit_s() if timeout is None else timeout)
+        return self
+
+    def _wait_limit_s(self) -> float:
+        """The store's wait budget plus room for the facts (``torch_key`` hashes torch's sources)."""
+        budget = self.settings.pull_budget if self.settings is not None else 60.0
+        return budget + _FACTS_MARGIN_S
+
+    def _prepare_in_background(self) -> None:
+        started = time.monotonic()
+        try:
+            self._prepare()
+        except Exception as exc:  # noqa: BLE001 - a background failure must never reach the job
+            log.warning("torch compile cache off: %s: %s", type(exc).__name__, exc)
+            self._status, self._reason = "error", str(exc)
+        finally:
+            self._prepare_s = time.monotonic() - started
+            self._done.set()
+
+    def _prepare(self) -> None:
+        """The facts, the ref, the fetch (when a remote is configured) and the snapshot of the cache
+        folders that :meth:`end` compares with. Reads and writes only the private fields behind the
+        outcome attributes: those wait for this very work."""
+        try:
+            self._facts = environment_facts(self._tag if self._tag is not None else self.settings.tag)
+            self._ref = ref_name(self._facts, self._prefix)
+        except Exception as exc:  # noqa: BLE001 - facts from private torch APIs; never fail the job
+            log.warning("torch compile cache off: could not read the environment (%s: %s)", type(exc).__name__, exc)
+            self._status, self._reason = "off", str(exc)
+            return
         if self.settings.remote:
             self._fetch()
         else:
-            self.reason = "no remote configured (BUNDLER_REMOTE)"
+            self._reason = "no remote configured (BUNDLER_REMOTE)"
         self._before = self._snapshot()
-        return self
 
     def _resolve_settings(self) -> None:
         if self.settings is None:
@@ -455,8 +539,8 @@ class CompileCache:
         """Preflight the ref's facts, then pull, under the store failure policy and wait budget."""
         from bundler.remote import health
 
-        self.status, self.reason = "error", "store or bundle unusable (see the warning above)"
-        health.guarded(self.settings, "read", self.ref or "", self._fetch_request)
+        self._status, self._reason = "error", "store or bundle unusable (see the warning above)"
+        health.guarded(self.settings, "read", self._ref or "", self._fetch_request)
 
     def _fetch_request(self) -> None:
         """Runs in ``health.guarded``'s worker: anything it raises is one warning and a compile."""
@@ -464,17 +548,17 @@ class CompileCache:
 
         store = self._open_store()
         try:
-            found = read_ref(store, self.ref, self.settings)
+            found = read_ref(store, self._ref, self.settings)
         except NotFoundError:
-            self.status, self.reason = "miss", ""
-            self.explanation = self._explain_miss(store)
-            log.info("torch compile cache miss for %s: %s", self.ref, self.explanation)
+            self._status, self._reason = "miss", ""
+            self._explanation = self._explain_miss(store)
+            log.info("torch compile cache miss for %s: %s", self._ref, self._explanation)
             return
-        differing = fact_differences(self.facts, found.producer)
+        differing = fact_differences(self._facts, found.producer)
         if differing:
-            self.status = "refused"
-            self.reason = f"refused bundle {found.name}: {differing[0]}"
-            log.warning("torch compile cache %s; compiling", self.reason)
+            self._status = "refused"
+            self._reason = f"refused bundle {found.name}: {differing[0]}"
+            log.warning("torch compile cache %s; compiling", self._reason)
             return
         self._install(store, found)
 
@@ -495,16 +579,16 @@ class CompileCache:
         moved = relocate_entries(layers[INDUCTOR], members, rewriter.moves)
         if moved:
             log.info("torch compile cache: pointed %d cache entries at this node's directories", moved)
-        self.status = "hit"
-        self.pulled_bytes = found.size
-        self.pulled_files = len(result.manifest.files)
+        self._status = "hit"
+        self._pulled_bytes = found.size
+        self._pulled_files = len(result.manifest.files)
         compile_s = found.extra.get("inductor_compile_s")
         self._producer_compile_s = float(compile_s) if isinstance(compile_s, int | float) else None
-        log.info("torch compile cache hit: %s (%d files, %d bytes)", found.name, self.pulled_files, found.size)
+        log.info("torch compile cache hit: %s (%d files, %d bytes)", found.name, self._pulled_files, found.size)
 
     def _explain_miss(self, store: Any) -> str:
         try:
-            return _nearest(store, self._prefix, self.facts, self.settings)
+            return _nearest(store, self._prefix, self._facts, self.settings)
         except Exception as exc:  # noqa: BLE001 - explaining is a courtesy
             return f"no bundle for this environment (could not list others: {exc})"
 
@@ -516,6 +600,16 @@ class CompileCache:
         if not self._begun or self._ended:
             return
         self._ended = True
+        if self._worker is not None:
+            from bundler.integrations import torch_gate
+
+            self._held_s = torch_gate.held_s(self._done)
+            torch_gate.release(self._done)
+            self.wait()
+            if not self._done.is_set():
+                log.warning("torch compile cache: the bundle fetch is still running at the end of the session; "
+                            "not pushing")
+                return
         if self.dirs is None:
             return
         work = self._work_done()
@@ -623,6 +717,8 @@ class CompileCache:
             parts.append(self.reason)
         if self.status == "miss" and self.explanation:
             parts.append(self.explanation)
+        if self._prepare_s is not None:
+            parts.append(f"fetch {self._prepare_s:.1f} s in the background, first compile held {self._held_s:.1f} s")
         parts.append(f"session {elapsed:.1f} s")
         return "; ".join(parts)
 
@@ -651,6 +747,7 @@ def compile_cache(
     tag: str | None = None,
     strict: bool | None = None,
     push: bool = True,
+    background: bool = True,
     settings: Settings | None = None,
 ) -> CompileCache:
     """A torch compile cache session for a ``with`` block (see the module docstring).
@@ -659,9 +756,12 @@ def compile_cache(
     (default ``BUNDLER_REF``, else ``torch``; the environment's fact hash is appended, so under
     ``bundler warm --ref NAME`` the session pulls and pushes ``NAME/<facts>`` itself); ``tag``: user salt (default
     ``BUNDLER_TAG``); ``strict``: raise :class:`IncompleteWarmStart` when the job compiled anything
-    (default ``BUNDLER_STRICT``); ``push``: push after a miss (turn off on read-only nodes).
+    (default ``BUNDLER_STRICT``); ``push``: push after a miss (turn off on read-only nodes);
+    ``background``: fetch while the job starts up, holding only Inductor's first compile until the
+    bundle is in place (``False``: ``begin`` returns when it is).
     """
-    return CompileCache(remote, ref=ref, tag=tag, strict=strict, push=push, settings=settings)
+    return CompileCache(remote, ref=ref, tag=tag, strict=strict, push=push, background=background,
+                        settings=settings)
 
 
 def begin(remote: str | None = None, **kwargs: Any) -> CompileCache:

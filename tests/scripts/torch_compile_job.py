@@ -5,7 +5,12 @@ step and prints one JSON line: the first-call time, PyTorch's own cache counters
 of C++ builds this process ran. With ``--bundle URL`` the step runs inside
 ``bundler.integrations.torch.compile_cache`` so the caches come from (and go to) that store.
 
-Usage: python torch_compile_job.py [--bundle URL] [--tag TAG] [--strict] [--width N] [--dry] [--no-push] [--remote-cache URL]
+Usage: python torch_compile_job.py [--bundle URL] [--tag TAG] [--strict] [--width N] [--dry] [--no-push]
+       [--hold-fetch] [--remote-cache URL]
+
+``--hold-fetch`` makes the bundle download wait until the session's gate holds the first compile
+for it, so the compile provably starts before the bundle is in place: it hits only if the gate
+works.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--dry", action="store_true", help="begin and end a session without compiling")
     parser.add_argument("--no-push", action="store_true")
+    parser.add_argument("--hold-fetch", action="store_true",
+                        help="the bundle download waits until the first compile is held for it")
     parser.add_argument("--remote-cache", default=None,
                         help="store URL: serve Inductor's remote caches from it (torch_remote.install)")
     args = parser.parse_args()
@@ -77,15 +84,17 @@ def main() -> int:
     if args.bundle is not None:
         from bundler.integrations import torch as bt
 
-        with bt.compile_cache(args.bundle, ref=args.ref, tag=args.tag, strict=args.strict or None,
-                              push=not args.no_push) as session:
+        store, gate_held = _held_store(args.bundle) if args.hold_fetch else (None, None)
+        with bt.CompileCache(args.bundle, ref=args.ref, tag=args.tag, strict=args.strict or None,
+                             push=not args.no_push, store=store) as session:
             t1 = time.perf_counter()
             begin_s = t1 - t0
             value = 0.0 if args.dry else step()
             first_call_s = time.perf_counter() - t1
         summary = session.summary_line()
         session_info = {"status": session.status, "ref": session.ref, "reason": session.reason,
-                        "explanation": session.explanation, "facts": session.facts}
+                        "explanation": session.explanation, "facts": session.facts,
+                        "gate_held": gate_held.is_set() if gate_held is not None else None}
     else:
         value = step()
         first_call_s = time.perf_counter() - t0
@@ -109,6 +118,33 @@ def main() -> int:
     }
     print("JOB-REPORT " + json.dumps(report, sort_keys=True, default=str))
     return 0
+
+
+def _held_store(url: str):  # noqa: ANN202
+    """The real store, whose bundle reads start only once the gate holds a compile (or after 60 s)."""
+    import logging
+    import threading
+
+    from bundler.stores import open_store
+
+    held = threading.Event()
+
+    class _GateWatcher(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "first compile waits for" in record.getMessage():
+                held.set()
+
+    logging.getLogger("bundler.integrations.torch_gate").addHandler(_GateWatcher())
+    store = open_store(url)
+    real_open_read = store.open_read
+
+    def open_read(key: str, **kwargs):  # noqa: ANN202
+        if "/bundles/" in key:
+            held.wait(60)
+        return real_open_read(key, **kwargs)
+
+    store.open_read = open_read
+    return store, held
 
 
 def _remote_stats() -> dict:
