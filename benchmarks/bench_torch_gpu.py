@@ -41,7 +41,16 @@ def job(args: argparse.Namespace) -> dict:
     from torch._dynamo.utils import counters
 
     import_s = time.perf_counter() - t_import
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    for name in ("torch._inductor.codecache", "torch._inductor.runtime.autotune_cache",
+                 "torch._functorch._aot_autograd.autograd_cache"):
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(handler)
     lookups = _trace_best_config_lookups()
+    tuned = _trace_tuning()
     torch.manual_seed(0)
     if args.model == "mlp":
         model = torch.nn.Sequential(torch.nn.Linear(args.dim, 4 * args.dim), torch.nn.GELU(),
@@ -82,6 +91,10 @@ def job(args: argparse.Namespace) -> dict:
         "aot_miss": counters["aot_autograd"].get("autograd_cache_miss", 0),
         "aot_hit": counters["aot_autograd"].get("autograd_cache_hit", 0),
         "autotune": {k: v for k, v in inductor.items() if "autotune" in k or "bench" in k},
+        "inductor_counters": inductor,
+        "tuned": tuned,
+        "retuned": sorted({t[1] for t in tuned if t[0] == "autotune_to_one_config" or "TEMPLATE" not in t[5]}),
+        "best_configs": _best_configs(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])),
         "benchmarking": dict(counters["benchmarking"]),
         "triton_compiles": inductor.get("async_compile_cache_miss", 0),
         "added": added,
@@ -110,6 +123,38 @@ def _trace_best_config_lookups() -> list:
     return seen
 
 
+def _trace_tuning() -> list:
+    """Record every kernel Inductor benchmarks at run time (all configs, or coordinate descent)."""
+    from torch._inductor.runtime import triton_heuristics
+
+    seen: list = []
+    cls = triton_heuristics.CachingAutotuner
+    for name in ("autotune_to_one_config", "coordinate_descent_tuning"):
+        real = getattr(cls, name, None)
+        if real is None:
+            continue
+
+        def wrapped(self, *a, _real=real, _name=name, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+            seen.append([_name, getattr(self.fn, "__name__", "?"), os.path.basename(self.filename or ""),
+                         len(self.configs or []), type(self).__name__,
+                         str(getattr(self, "heuristic_type", ""))])
+            return _real(self, *a, **k)
+
+        setattr(cls, name, wrapped)
+    return seen
+
+
+def _best_configs(root: Path) -> dict:
+    """Every ``.best_config`` under the Inductor cache: relative path -> its JSON."""
+    found = {}
+    for path in root.rglob("*.best_config"):
+        try:
+            found[str(path.relative_to(root))] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            found[str(path.relative_to(root))] = repr(exc)
+    return found
+
+
 def run_phase(phase: str, root: Path, store: str | None, args: argparse.Namespace) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BUNDLER_", "TORCHINDUCTOR_", "TRITON_"))}
     (root / "tmp").mkdir(parents=True, exist_ok=True)
@@ -121,12 +166,21 @@ def run_phase(phase: str, root: Path, store: str | None, args: argparse.Namespac
     if store:
         cmd += ["--store", store]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    if os.environ.get("BENCH_OUT"):
+        out = Path(os.environ["BENCH_OUT"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{root.name}-{phase}.stderr").write_text(proc.stderr[-2_000_000:])
     reports = [line for line in proc.stdout.splitlines() if line.startswith("PHASE-REPORT ")]
     if proc.returncode or not reports:
         raise SystemExit(f"{phase} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     report = json.loads(reports[-1][len("PHASE-REPORT "):])
     report["bundler_log"] = [line for line in proc.stderr.splitlines() if "bundler" in line][-6:]
     return report
+
+
+def _tree(root: Path) -> list[str]:
+    """Every file under ``root`` as a path relative to it."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
 def _files_naming(root: Path, needle: str) -> list[str]:
@@ -145,6 +199,8 @@ def _files_naming(root: Path, needle: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warm-repeat", type=int, default=1,
+                        help="warm-local and warm-from-bundle runs per cold run (each in a fresh process)")
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--model", choices=["transformer", "mlp"], default="transformer")
@@ -164,33 +220,47 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="bundler-gpu-bench-"))
     for n in range(args.rounds):
         store = (base / f"store{n}").as_uri()
-        here, there = base / f"r{n}-a", base / f"r{n}-b"
+        here = base / f"r{n}-a"
         rows["cold"].append(run_phase("cold", here, store, args))
-        rows["warm-local"].append(run_phase("warm-local", here, None, args))
+        for _ in range(args.warm_repeat):
+            rows["warm-local"].append(run_phase("warm-local", here, None, args))
+        files_a = _tree(here)
         here.rename(base / f"r{n}-a.away")
-        rows["warm-from-bundle"].append(run_phase("warm-from-bundle", there, store, args))
-        stale = _files_naming(there, str(here))
-        print(f"  files at the new path still naming the producer's path: {len(stale)} {stale[:8]}", flush=True)
+        for k in range(args.warm_repeat):
+            there = base / f"r{n}-b{k}"
+            rows["warm-from-bundle"].append(run_phase("warm-from-bundle", there, store, args))
+            stale = _files_naming(there, str(here))
+            new_files = sorted(set(_tree(there)) - set(files_a))
+            print(f"  files at the new path that the producer's folder did not have: {len(new_files)} "
+                  f"{new_files[:40]}", flush=True)
+            print(f"  files at the new path still naming the producer's path: {len(stale)} {stale[:8]}", flush=True)
+            if os.environ.get("BENCH_OUT"):
+                Path(os.environ["BENCH_OUT"], f"r{n}-{k}-trees.json").write_text(
+                    json.dumps({"producer": files_a, "fresh": _tree(there), "new": new_files}, indent=0))
         print(f"  files the bundle phase added: {rows['warm-from-bundle'][-1]['added']}", flush=True)
-        for name in ("warm-local", "warm-from-bundle"):
-            print(f"  {name} best_config lookups: {rows[name][-1]['best_config_lookups'][:10]}", flush=True)
         for name in rows:
-            r = rows[name][-1]
-            print(f"round {n} {name:17} first result {r['first_result_s']:7.2f} s (begin {r['begin_s']:.2f}) "
-                  f"fx {r['fx_hit']}h/{r['fx_miss']}m aot {r['aot_hit']}h/{r['aot_miss']}m "
-                  f"autotune {r['autotune']} benchmarking {r['benchmarking']} status {r['status']}", flush=True)
+            for r in rows[name][-(1 if name == "cold" else args.warm_repeat):]:
+                print(f"round {n} {name:17} first result {r['first_result_s']:7.2f} s (begin {r['begin_s']:.2f}) "
+                      f"fx {r['fx_hit']}h/{r['fx_miss']}m aot {r['aot_hit']}h/{r['aot_miss']}m "
+                      f"re-tuned kernels {len(r['retuned'])} coordesc_tuning_bench "
+                      f"{r['autotune'].get('coordesc_tuning_bench', 0)} status {r['status']}", flush=True)
         print(f"  bundle summary: {rows['warm-from-bundle'][-1]['summary']}", flush=True)
         shutil.rmtree(base / f"r{n}-a.away", ignore_errors=True)
-    print("\n| phase | first result, s (median; all runs) | FX misses | AOT misses | autotune counters |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| phase | first result, s (median; all runs) | FX misses | AOT misses | kernels re-tuned | "
+          "coordesc_tuning_bench |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, reps in rows.items():
         times = [r["first_result_s"] for r in reps]
         print(f"| {name} | {statistics.median(times):.2f} ({', '.join(f'{t:.2f}' for t in times)}) | "
-              f"{[r['fx_miss'] for r in reps]} | {[r['aot_miss'] for r in reps]} | {[r['autotune'] for r in reps]} |")
+              f"{[r['fx_miss'] for r in reps]} | {[r['aot_miss'] for r in reps]} | "
+              f"{[len(r['retuned']) for r in reps]} | "
+              f"{[r['autotune'].get('coordesc_tuning_bench', 0) for r in reps]} |")
     local = statistics.median(r["first_result_s"] for r in rows["warm-local"])
     bundle = statistics.median(r["first_result_s"] for r in rows["warm-from-bundle"])
     print(f"\nwarm-from-bundle / warm-local = {bundle / local:.2f}x; "
           f"cold / warm-from-bundle = {statistics.median(r['first_result_s'] for r in rows['cold']) / bundle:.1f}x")
+    if os.environ.get("BENCH_OUT") and not args.json_out:
+        args.json_out = str(Path(os.environ["BENCH_OUT"], "rows.json"))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1, default=str))
     shutil.rmtree(base, ignore_errors=True)
