@@ -63,7 +63,7 @@ def test_facts_are_strings_and_name_the_isa(isolated_inductor: Path) -> None:
     for name in bt.COMPAT_FACTS:
         assert name in facts
     assert facts["torch"] == torch.__version__ and facts["tag"] == "t"
-    assert facts["cpu_isa"] == bt._picked_vec_isa(), "the predicted ISA must be the one Inductor picks"
+    assert facts["cpu_isa"] == bt._picked_vec_isa(trial_builds=True), "the predicted ISA must be the one Inductor picks"
 
 
 def test_isa_capability_and_tag_change_the_ref(isolated_inductor: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -373,3 +373,30 @@ def test_remote_backend_serves_entries_with_the_local_cache_empty(moto_endpoint:
     assert "hit: 0" not in second["remote_cache_stats"].get("backend:StoreCacheBackend", "hit: 0")
     assert second["value"] == pytest.approx(first["value"])
 
+
+
+def test_a_job_that_generated_no_cpu_code_pushes_without_isa_trial_builds(
+    isolated_inductor: Path, local_store_url: str
+) -> None:
+    """The ISA check before a push must not make Inductor's pick itself: that runs a trial C++
+    build per candidate ISA (44 s at the end of a GPU-only job on an H200). A fresh process whose
+    job added cache files but generated no CPU code pushes and has built nothing."""
+    script = f"""
+import json, os, sys
+from bundler.integrations import torch as bt
+from torch._inductor import cpu_vec_isa
+session = bt.CompileCache({local_store_url!r}).begin()
+kernel = os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "triton", "0", "K", "k.cubin")
+os.makedirs(os.path.dirname(kernel))
+open(kernel, "wb").write(b"a GPU kernel")
+session.end()
+print(json.dumps({{"summary": session.summary_line(),
+                  "isa_picked": cpu_vec_isa.valid_vec_isa_list.cache_info().currsize}}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "pushed" in report["summary"], report
+    assert report["isa_picked"] == 0
+    assert not list(isolated_inductor.rglob("*.so")), "a trial build ran"

@@ -264,12 +264,21 @@ def _cpu_vec_isa() -> str:
         return "unknown"
 
 
-def _picked_vec_isa() -> str:
-    """Inductor's real pick (runs its trial compiles unless cached): checked before a push."""
-    try:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
+def _picked_vec_isa(*, trial_builds: bool = False) -> str | None:
+    """Inductor's real pick of the CPU vector ISA, checked before a push; None when this process
+    has not made it and ``trial_builds`` is off.
 
-        return str(pick_vec_isa()) or "none"
+    Making the pick runs a trial C++ build per candidate ISA (4.6 s for one on this project's
+    2-core CI machine; the end of a GPU-only max-autotune job on an H200 took 44 s, mostly this).
+    A process that generated no CPU code never made the pick, and nothing it adds to the cache
+    depends on the ISA, so there is nothing to check.
+    """
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        if not trial_builds and not cpu_vec_isa.valid_vec_isa_list.cache_info().currsize:
+            return None
+        return str(cpu_vec_isa.pick_vec_isa()) or "none"
     except Exception:  # noqa: BLE001
         return "unknown"
 
@@ -641,7 +650,7 @@ class CompileCache:
         if self.status in ("hit", "error", "refused") and not any(added.values()):
             return  # a complete warm start (the bundle already describes this job), or nothing new
         picked = _picked_vec_isa()
-        if picked not in (self.facts.get("cpu_isa"), "unknown"):
+        if picked not in (None, self.facts.get("cpu_isa"), "unknown"):
             log.warning("torch compile cache: Inductor picked CPU ISA %s, predicted %s; not pushing a bundle "
                         "whose facts would be wrong", picked, self.facts.get("cpu_isa"))
             return
