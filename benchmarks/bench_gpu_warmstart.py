@@ -62,6 +62,7 @@ PATCH_ENV = "BENCH_WARMSTART_PATCH_BACKEND_HASH"
 
 # name -> (uses kernel-bundler, cache_results, which cache dirs)
 PHASES: dict[str, tuple[bool, bool, str]] = {
+    "cold-plain": (False, True, "cold-plain"),  # what a cold start costs without kernel-bundler
     "cold": (True, True, "cold"),
     "warm-same-path": (False, True, "cold"),
     "bundler-warm": (True, True, "bwarm"),
@@ -408,6 +409,7 @@ def run_all(root: Path, args: argparse.Namespace, log: Path | None) -> list[dict
         results.append(result)
         print(f"   {name}: {json.dumps(result)}", flush=True)
 
+    phase("cold-plain")
     phase("cold")
     phase("warm-same-path")
     # Another node: copies of the cold cache at other paths; the original path no longer exists.

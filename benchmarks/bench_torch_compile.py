@@ -3,14 +3,18 @@
 Each round uses new directories (Inductor's cache dir and the default dir holding the precompiled
 headers, via ``TMPDIR``) and moto's S3 server on 127.0.0.1 in this process:
 
+0. cold-plain: empty caches, no session: what the job costs without kernel-bundler;
 1. cold: empty caches; the job compiles inside ``compile_cache`` and pushes the bundle;
 2. warm-local: the same directories again, no bundle (what a second run on the same node gets);
 3. warm-from-bundle: empty caches at another path (the cold run's directories renamed away):
    ``compile_cache`` pulls and unpacks the bundle, then the job runs.
 
-Reported per phase: the session's ``begin`` (facts, ref lookup, download and unpack), the first
-training step (compile included) and their sum, medians over ``--repeat`` rounds. The target
-(issue 10): warm-from-bundle within 1.2x of warm-local.
+Reported per phase: the session's ``begin`` (what runs before the job continues: the facts, ref
+lookup, download and unpack run in the background and the first compile waits for them), the
+first training step (compile included) and their sum, medians over ``--repeat`` rounds; and the
+cost of a cold session: its ``end`` (snapshot, pack and push) and ``begin`` against the cold
+compile, and cold against cold-plain. Targets: warm-from-bundle within 1.2x of warm-local
+(issue 10); a cold session adds at most 3% (issue 12).
 
 Run: ``.venv/bin/python benchmarks/bench_torch_compile.py [--repeat 3] [--width 64] [--layers 3]``.
 """
@@ -56,7 +60,9 @@ def main() -> None:
     args = parser.parse_args()
     extra = ["--width", str(args.width), "--layers", str(args.layers)]
     base = SCRATCH_ROOT / f"bundler-bench-torch-{os.getpid()}"
-    results: dict[str, list[tuple[float, float]]] = {"cold": [], "warm-local": [], "warm-from-bundle": []}
+    results: dict[str, list[tuple[float, float]]] = {"cold-plain": [], "cold": [], "warm-local": [],
+                                                     "warm-from-bundle": []}
+    session_cost: list[float] = []
     notes: list[str] = []
     with moto_s3() as endpoint:
         for round_ in range(args.repeat):
@@ -64,11 +70,14 @@ def main() -> None:
             s3_client(endpoint).create_bucket(Bucket=bucket)
             url = f"s3://{bucket}/caches?endpoint={endpoint}&addressing=path"
             here, there = base / f"r{round_}-a", base / f"r{round_}-b"
+            plain = job(base / f"r{round_}-plain", None, extra)
             cold = job(here, url, extra)
+            session_cost.append((cold["begin_s"] + cold["end_s"]) / (cold["begin_s"] + cold["first_call_s"]))
             local = job(here, None, extra)
             here.rename(base / f"r{round_}-a.away")
             warm = job(there, url, extra)
-            for name, rep in (("cold", cold), ("warm-local", local), ("warm-from-bundle", warm)):
+            for name, rep in (("cold-plain", plain), ("cold", cold), ("warm-local", local),
+                              ("warm-from-bundle", warm)):
                 results[name].append((rep["begin_s"], rep["first_call_s"]))
             notes.append(f"round {round_}: cold {cold['summary']!r}\n  bundle {warm['summary']!r}\n"
                          f"  warm-local counters {local['inductor']} builds {local['cpp_builds']}\n"
@@ -90,6 +99,9 @@ def main() -> None:
     print(f"per-round warm-from-bundle / warm-local: {', '.join(f'{r:.2f}x' for r in ratios)}")
     print(f"warm-from-bundle / warm-local: {med['warm-from-bundle'] / med['warm-local']:.2f}x; "
           f"cold / warm-from-bundle: {med['cold'] / med['warm-from-bundle']:.1f}x")
+    print(f"cold session's own time (begin + end) / cold compile: "
+          f"{', '.join(f'{100 * c:.1f}%' for c in sorted(session_cost))} (median {100 * statistics.median(session_cost):.1f}%); "
+          f"cold / cold-plain (first step incl. begin): {med['cold'] / med['cold-plain']:.3f}x")
     print("\n".join(notes))
 
 

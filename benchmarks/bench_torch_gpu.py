@@ -76,17 +76,20 @@ def job(args: argparse.Namespace) -> dict:
         with bt.compile_cache(args.store, ref="gpu-bench", strict=None) as session:
             begin_s = time.perf_counter() - t0
             value = step()
+            t_step = time.perf_counter()
+        end_s = time.perf_counter() - t_step
         summary, status = session.summary_line(), session.status
         added = {layer: names[:12] + ([f"... {len(names)} in all"] if len(names) > 12 else [])
                  for layer, names in session._added_files().items() if names}
+        first_result_s = t_step - t0
     else:
-        begin_s = 0.0
+        begin_s = end_s = 0.0
         value = step()
-    first_result_s = time.perf_counter() - t0
+        first_result_s = time.perf_counter() - t0
     inductor = dict(counters["inductor"])
     return {
         "value": value, "import_s": round(import_s, 2), "begin_s": round(begin_s, 2),
-        "first_result_s": round(first_result_s, 2), "status": status, "summary": summary,
+        "first_result_s": round(first_result_s, 2), "end_s": round(end_s, 2), "status": status, "summary": summary,
         "fx_miss": inductor.get("fxgraph_cache_miss", 0), "fx_hit": inductor.get("fxgraph_cache_hit", 0),
         "aot_miss": counters["aot_autograd"].get("autograd_cache_miss", 0),
         "aot_hit": counters["aot_autograd"].get("autograd_cache_hit", 0),
@@ -240,7 +243,8 @@ def main() -> None:
         print(f"  files the bundle phase added: {rows['warm-from-bundle'][-1]['added']}", flush=True)
         for name in rows:
             for r in rows[name][-(1 if name == "cold" else args.warm_repeat):]:
-                print(f"round {n} {name:17} first result {r['first_result_s']:7.2f} s (begin {r['begin_s']:.2f}) "
+                print(f"round {n} {name:17} first result {r['first_result_s']:7.2f} s (begin {r['begin_s']:.2f}, "
+                      f"end {r['end_s']:.2f}) "
                       f"fx {r['fx_hit']}h/{r['fx_miss']}m aot {r['aot_hit']}h/{r['aot_miss']}m "
                       f"re-tuned kernels {len(r['retuned'])} coordesc_tuning_bench "
                       f"{r['autotune'].get('coordesc_tuning_bench', 0)} status {r['status']}", flush=True)

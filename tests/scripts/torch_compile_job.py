@@ -91,6 +91,8 @@ def main() -> int:
             begin_s = t1 - t0
             value = 0.0 if args.dry else step()
             first_call_s = time.perf_counter() - t1
+            t2 = time.perf_counter()
+        end_s = time.perf_counter() - t2  # the session's end: snapshot, pack and push after a miss
         summary = session.summary_line()
         session_info = {"status": session.status, "ref": session.ref, "reason": session.reason,
                         "explanation": session.explanation, "facts": session.facts,
@@ -98,7 +100,7 @@ def main() -> int:
     else:
         value = step()
         first_call_s = time.perf_counter() - t0
-        begin_s = 0.0
+        begin_s = end_s = 0.0
     total_s = time.perf_counter() - t0
 
     report = {
@@ -106,6 +108,7 @@ def main() -> int:
         "import_s": round(import_s, 3),
         "begin_s": round(begin_s, 3),
         "first_call_s": round(first_call_s, 3),
+        "end_s": round(end_s, 3),
         "total_s": round(total_s, 3),
         "cpp_builds": builds,
         "inductor": dict(counters["inductor"]),
