@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bundler.bundle import archive
+from bundler.bundle import archive, manifest
 from bundler.bundle.manifest import MANIFEST_NAME
 from bundler.config import Settings
 from bundler.errors import UnsafeMemberError
@@ -99,7 +99,7 @@ def test_gnu_tar_lists_and_extracts_a_bundle(tmp_path):
     bundle = tmp_path / "b.tar.zst"
     bundle.write_bytes(data)
     listing = subprocess.run(["tar", "--zstd", "-tf", bundle], capture_output=True, check=True, text=True).stdout
-    assert listing.splitlines() == [MANIFEST_NAME, *sorted(files)]
+    assert listing.splitlines() == [MANIFEST_NAME, *sorted(files, key=manifest.stream_key)]
     out = tmp_path / "out"
     out.mkdir()
     subprocess.run(["tar", "--zstd", "-xf", bundle, "-C", out], check=True)
@@ -114,7 +114,7 @@ def test_python_tarfile_reads_a_bundle(tmp_path):
 
     raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-        assert tar.getnames() == [MANIFEST_NAME, "plain.txt", "x/" + "y" * 120 + ".bin"]
+        assert tar.getnames() == [MANIFEST_NAME, "x/" + "y" * 120 + ".bin", "plain.txt"]  # by extension
         assert tar.extractfile("plain.txt").read() == b"hello"
 
 
@@ -122,7 +122,7 @@ def test_long_distance_matching_shrinks_far_apart_repeats():
     """A kernel repeated inside a large pickle, as Inductor's FX-graph cache does."""
     kernel = os.urandom(1 << 20)
     # 6 MiB apart: beyond level 3's normal 2 MiB window, well inside the 16 MiB long window
-    files = {"triton/k.cubin": kernel, "inductor/graph.pkl": kernel + os.urandom(6 << 20)}
+    files = {"triton/k.cubin": kernel, "inductor/graph.pkl": os.urandom(6 << 20) + kernel + os.urandom(6 << 20)}
     with_ldm, _ = pack_bytes(files)
     without, _ = pack_bytes(files, settings=Settings(zstd_threads=1, long_window_log=0))
     assert len(with_ldm) < len(without) - (900 << 10)

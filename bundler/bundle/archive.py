@@ -228,10 +228,11 @@ def read_manifest(stream: BinaryIO, *, settings: Settings | None = None) -> Mani
 def iter_files(
     stream: BinaryIO, *, expected_digest: str | None = None, settings: Settings | None = None
 ) -> Iterator[tuple[FileRecord, bytes]]:
-    """Each member with its bytes, for small bundles inspected in memory.
+    """Each member with its bytes, in manifest (path) order, for small bundles inspected in memory.
 
     Nothing is yielded until the whole bundle verified (every hash, the end of the archive, no
     trailing data), so a caller never acts on a member of a bundle that turns out to be bad.
+    The order is the manifest's whatever the format's order in the stream (``stream_order``).
     """
     if expected_digest is not None:
         manifest.check_digest(expected_digest)
@@ -246,4 +247,4 @@ def iter_files(
             data = b"".join(pieces)
             check_hash(value, hashlib.sha256(data))  # type: ignore[arg-type]
             files.append((value, data))  # type: ignore[arg-type]
-    yield from files
+    yield from sorted(files, key=lambda item: item[0].path)

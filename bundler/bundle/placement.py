@@ -243,6 +243,9 @@ class Placement:
                 if whole[key]:
                     continue
             each.append(move)
+        # Members arrive in the bundle's stream order (by extension since format 2), which visits a
+        # folder once per file type; folder by folder keeps the descriptor cache warm on re-unpacks.
+        each.sort(key=lambda move: (move[0].path, move[2]))
         return [key for key, absent in whole.items() if absent], each
 
     def _check(self, moves: list[tuple[_Root, str, str]]) -> list[_Entry]:

@@ -1,9 +1,10 @@
 """Reading a bundle stream: zstd frames, then tar headers, then members checked against the manifest.
 
 The reader is a generator of events (the manifest, then for each member its start, its bytes and
-its end) that enforces the format's rules: manifest first and canonical, members in manifest
-order with the promised sizes, nothing but regular files, nothing after the end but a little zero
-padding. It does not hash or write member bytes; its consumer does.
+its end) that enforces the format's rules: manifest first and canonical, members in the order the
+manifest's format prescribes (:func:`manifest.stream_order`) with the promised sizes, nothing but
+regular files, nothing after the end but a little zero padding. It does not hash or write member
+bytes; its consumer does.
 
 :mod:`bundler.bundle.prefetch` runs it in a worker thread.
 """
@@ -189,10 +190,14 @@ def _manifest(src: _Source, settings: Settings, expected_digest: str | None) -> 
     return manifest.check_fits(man, header.size, settings)
 
 
-def _unexpected(name: str, names: set[str]) -> UnsafeMemberError:
+def _unexpected(name: str, names: set[str], man: Manifest) -> UnsafeMemberError:
     manifest.check_path(name)
     if name == MANIFEST_NAME or name in names:
-        return UnsafeMemberError(f"member {name!r} appears twice or out of manifest order")
+        order = "path order" if man.format == 1 else "order of extension, then path"
+        return UnsafeMemberError(
+            f"member {name!r} appears twice or out of order (a format {man.format} bundle holds its "
+            f"members in {order})"
+        )
     return UnsafeMemberError(f"member {name!r} is not in the manifest")
 
 
@@ -207,12 +212,12 @@ def events(stream: BinaryIO, settings: Settings, expected_digest: str | None = N
     man = _manifest(src, settings, expected_digest)
     yield MANIFEST, man
     names = {record.path for record in man.files}
-    for record in man.files:
+    for record in manifest.stream_order(man):
         header = _member_header(src, record.path)
         if header is None:
             raise IntegrityError(f"member {record.path!r} is listed in the manifest but missing from the bundle")
         if header.name != record.path:
-            raise _unexpected(header.name, names)
+            raise _unexpected(header.name, names, man)
         if header.size != record.size:
             raise IntegrityError(
                 f"member {record.path!r} is {header.size} bytes in the tar but {record.size} in the manifest"
@@ -224,7 +229,7 @@ def events(stream: BinaryIO, settings: Settings, expected_digest: str | None = N
         yield END, record
     header = _member_header(src, "end of archive")
     if header is not None:
-        raise _unexpected(header.name, names)
+        raise _unexpected(header.name, names, man)
     src.read(tarformat.BLOCK)  # the second end-of-archive block
     if not src.rest_is_zero(_MAX_TRAILING_ZEROS):
         raise NotABundleError("the bundle has data after the end of the tar archive")

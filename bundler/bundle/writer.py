@@ -4,6 +4,10 @@ The manifest must be the first member but needs every file's hash. Rather than r
 twice, members are compressed (and hashed in the same read) into a spool; then a separate zstd
 frame holding the manifest is written, followed by the spooled frame. Concatenated frames are one
 valid zstd stream, so ``tar --zstd``, ``zstd -d`` and our reader all see one tar.
+
+Members follow the manifest's stream order (:func:`manifest.stream_order`: extension, then path),
+the order the reader requires of a bundle of format :data:`manifest.FORMAT_VERSION`, which is the
+one written.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ class PackResult:
 
 
 def _collect(source: Source, settings: Settings) -> list[tuple[str, str | bytes]]:
-    """The members to pack, refused up front when a reader with these settings would refuse them.
+    """The members to pack in stream order, refused up front when a reader with these settings
+    would refuse them.
 
     Names go through the reader's own :func:`manifest.check_path` (depth, component and total
     length, UTF-8), so ``pack`` never writes a bundle that ``unpack`` cannot place.
@@ -74,7 +79,7 @@ def _collect(source: Source, settings: Settings) -> list[tuple[str, str | bytes]
             f"cannot pack {len(items)} files: readers accept at most {settings.max_members} "
             "(BUNDLER_MAX_MEMBERS); split the cache or raise the limit everywhere it is read"
         )
-    items.sort(key=lambda item: item[0])
+    items.sort(key=lambda item: manifest.stream_key(item[0]))
     return items
 
 

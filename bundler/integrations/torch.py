@@ -58,6 +58,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bundler.bundle.manifest import FORMAT_VERSION
 from bundler.config import Settings
 from bundler.errors import BundlerError, ConfigError, NotFoundError
 
@@ -78,7 +79,10 @@ COMPAT_FACTS = (
     "device_name", "capability", "cuda", "hip", "cxx", "inductor_config", "functorch_config",
     "tag", "torch_bundle_format",
 )
-#: Bumped when what a torch bundle holds (or where) changes incompatibly.
+#: Bumped when what a torch bundle holds (or where) changes incompatibly. The ``torch_bundle_format``
+#: fact also carries the archive format written (:data:`bundler.bundle.manifest.FORMAT_VERSION`), so
+#: a release that writes a newer archive uses other refs than the releases that cannot read it: in
+#: a fleet part-way through an upgrade, old nodes never fetch (and refuse) the new bundles.
 TORCH_BUNDLE_FORMAT = "1"
 #: Counters that mean "this process compiled or tuned": strict mode's evidence. Not
 #: ``select_algorithm_autotune`` or ``benchmarking.*``: on an FX graph hit Inductor replays the
@@ -181,7 +185,7 @@ def environment_facts(tag: str | None = None) -> dict[str, str]:
         "inductor_config": _config_hash("torch._inductor.config"),
         "functorch_config": _config_hash("torch._functorch.config"),
         "tag": tag or "",
-        "torch_bundle_format": TORCH_BUNDLE_FORMAT,
+        "torch_bundle_format": f"{TORCH_BUNDLE_FORMAT}.{FORMAT_VERSION}",
         # informational: shown by explain, not compared (see docs/torch.md)
         "cpu_model": _cpu_model(),
         "torch_dir": os.path.dirname(torch.__file__),
