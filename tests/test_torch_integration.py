@@ -325,6 +325,7 @@ def test_bake_then_warm_start_elsewhere_then_misses_that_say_why(
     assert [b for b in warm["cpp_builds"] if b != "header.i"] == [], warm["cpp_builds"]
     assert len(warm["cpp_builds"]) <= 1
     assert "C++ builds 0" in warm["summary"] and "pushed" not in warm["summary"]
+    assert "never looked up: 0 of 2 FX graphs, 0 of 1 AOT entries" in warm["summary"], warm["summary"]
     assert warm["value"] == pytest.approx(cold["value"])
     assert not (tmp_path / "producer").exists(), "the producer's directory was re-created"
 

@@ -448,6 +448,8 @@ class CompileCache:
         self._begun = self._ended = False
         self._prepare_s: float | None = None
         self._held_s = 0.0
+        self._lookups: Any = None  # torch_lookups.LookupRecorder while a bundle may be installed
+        self._installed_members: list[str] = []
 
     # -- begin ---------------------------------------------------------------------------------
 
@@ -476,6 +478,10 @@ class CompileCache:
             from bundler.integrations import torch_backports
 
             torch_backports.install()
+        if self.settings.remote:
+            from bundler.integrations import torch_lookups
+
+            self._lookups = torch_lookups.LookupRecorder().start()  # keys looked up, for the summary
         self._counters_before = _work_counters()
         self._compile_s_before = _inductor_compile_s()
         if not self._background:
@@ -589,6 +595,7 @@ class CompileCache:
         rewriter = UnpackRewriter(producer_dirs, {name: str(path) for name, path in layers.items()})
         result = transfer.pull(store, layers, digest=found.digest, settings=self.settings, rewrite=rewriter)
         members = [record.path for record in result.manifest.files]
+        self._installed_members = members
         moved = relocate_entries(layers[INDUCTOR], members, rewriter.moves)
         if moved:
             log.info("torch compile cache: pointed %d cache entries at this node's directories", moved)
@@ -613,6 +620,8 @@ class CompileCache:
         if not self._begun or self._ended:
             return
         self._ended = True
+        if self._lookups is not None:
+            self._lookups.stop()
         if self._worker is not None:
             from bundler.integrations import torch_gate
 
@@ -717,6 +726,12 @@ class CompileCache:
             parts.append(f"ref {self.ref}")
         parts.append(f"fx graphs {hits['fx_hit']} hit/{hits['fx_miss']} missed, "
                      f"aot autograd {hits['aot_hit']} hit/{hits['aot_miss']} missed")
+        if self.status == "hit":
+            from bundler.integrations import torch_lookups
+
+            unused = torch_lookups.summary_phrase(self._installed_members, self._lookups)
+            if unused:
+                parts.append(unused)
         builds = sum(1 for names in added.values() for name in names if name.endswith((".so", ".gch")))
         parts.append(f"C++ builds {builds}")
         if self.pulled_bytes:
