@@ -490,9 +490,14 @@ class CompileCache:
             return self
         from bundler.integrations import torch_gate
 
+        # The gate first: it imports compile_fx (and with it what a compile loads) on the job's
+        # thread, so the fetch thread never imports torch internals while the job does. Two
+        # threads importing one package with circular imports can hand one of them a partly
+        # initialised module (CPython accepts that to break the deadlock), and that must never be
+        # the job's thread.
+        torch_gate.hold_until(self._done, self._wait_limit_s(), "the bundle")
         self._worker = threading.Thread(target=self._prepare_in_background, name="bundler-torch-fetch", daemon=True)
         self._worker.start()
-        torch_gate.hold_until(self._done, self._wait_limit_s(), "the bundle")
         return self
 
     def wait(self, timeout: float | None = None) -> CompileCache:
