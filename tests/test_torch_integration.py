@@ -401,3 +401,52 @@ print(json.dumps({{"summary": session.summary_line(),
     assert "pushed" in report["summary"], report
     assert report["isa_picked"] == 0
     assert not list(isolated_inductor.rglob("*.so")), "a trial build ran"
+
+
+class _HeldStore:
+    """A real store whose reads wait until the test releases them: a fetch caught mid-way."""
+
+    def __init__(self, store) -> None:  # noqa: ANN001
+        self._store, self.release = store, __import__("threading").Event()
+        self.url = store.url
+
+    def read_bytes(self, key: str, **kwargs):  # noqa: ANN201
+        self.release.wait(60)
+        return self._store.read_bytes(key, **kwargs)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._store, name)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork-only behaviour")
+def test_a_forked_child_never_waits_for_the_parents_fetch(isolated_inductor: Path, local_store_url: str) -> None:
+    """DataLoader workers fork while the session's fetch thread runs; a child has no such thread,
+    so its compiles and its reads of the session must not wait for one (the full pull budget)."""
+    from bundler.integrations import torch_gate
+
+    with open_store(local_store_url) as raw:
+        store = _HeldStore(raw)
+        session = bt.CompileCache(local_store_url, store=store, push=False).begin()
+        try:
+            pid = os.fork()
+            if pid == 0:  # the child: a gate with nothing pending, a session that does not block
+                try:
+                    torch_gate.wait_pending()
+                    session.wait()
+                    os._exit(0 if session.status in ("error", "off") else 3)
+                finally:
+                    os._exit(4)
+            for _ in range(200):  # a hang guard (the child would block for the whole budget), not a timing
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                __import__("time").sleep(0.1)
+            else:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child waited for the parent's fetch thread")
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            store.release.set()
+            session.end()
+    assert session.status == "miss"

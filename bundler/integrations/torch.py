@@ -428,6 +428,7 @@ class CompileCache:
         self._store = store
         self._background = background
         self._worker: threading.Thread | None = None
+        self._pid = os.getpid()
         self._done = threading.Event()
         self._status = "off"
         self._ref: str | None = None
@@ -497,14 +498,18 @@ class CompileCache:
         # the job's thread.
         torch_gate.hold_until(self._done, self._wait_limit_s(), "the bundle")
         self._worker = threading.Thread(target=self._prepare_in_background, name="bundler-torch-fetch", daemon=True)
+        self._pid = os.getpid()
         self._worker.start()
         return self
 
     def wait(self, timeout: float | None = None) -> CompileCache:
         """Block until :meth:`begin`'s background work is done (``timeout``: default the pull budget
         plus a margin); outcome attributes (``status``, ``ref``, ``facts``, ...) do this for you."""
-        if self._worker is not None and threading.current_thread() is not self._worker:
-            self._done.wait(self._wait_limit_s() if timeout is None else timeout)
+        if self._worker is None or threading.current_thread() is self._worker:
+            return self
+        if os.getpid() != self._pid:  # a forked child: the fetch thread stayed in the parent
+            return self
+        self._done.wait(self._wait_limit_s() if timeout is None else timeout)
         return self
 
     def _wait_limit_s(self) -> float:

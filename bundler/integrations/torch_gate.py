@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -30,6 +31,18 @@ _lock = threading.Lock()
 _pending: list[tuple[threading.Event, float, str]] = []
 #: Seconds a compile was held for each ready event (read by the session's summary).
 _held_s: dict[threading.Event, float] = {}
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker, say) has no fetch thread: nothing it could wait for.
+    Its lock is new too, in case the fork came while another thread held the parent's."""
+    global _lock
+    _lock = threading.Lock()
+    _pending.clear()
+    _held_s.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def hold_until(ready: threading.Event, limit_s: float, what: str) -> None:
