@@ -126,3 +126,22 @@ def _boto_client(endpoint: str | None = None):  # noqa: ANN202 - botocore client
 def boto_client():  # noqa: ANN201
     """``boto_client(endpoint)`` for setup and inspection (multipart leftovers, raw objects)."""
     return _boto_client
+
+
+@pytest.fixture
+def inductor_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """In-process torch tests: Inductor's cache and default dirs inside tmp_path; Dynamo reset
+    before and after. torch is imported here, not at the top: most tests never need it."""
+    import tempfile
+
+    import torch
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "ATEN_CPU_CAPABILITY", "BUNDLER_STRICT",
+                 "BUNDLER_TAG", "BUNDLER_REMOTE", "BUNDLER_REF"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    torch._dynamo.reset()
+    yield tmp_path / "inductor"
+    torch._dynamo.reset()

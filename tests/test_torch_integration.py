@@ -353,6 +353,14 @@ def test_bake_then_warm_start_elsewhere_then_misses_that_say_why(
                   check=False)
     assert broken["returncode"] != 0
     assert "IncompleteWarmStart" in broken["stderr"] and "fxgraph_cache_miss=" in broken["stderr"]
+    #    ... and says why its graphs missed inside the hit bundle: per missed FX graph, the nearest
+    #    bundled graph and the components that differ; the summary names them
+    explained = [line for line in broken["stderr"].splitlines() if " missed; nearest bundled graph " in line]
+    assert explained and all(" differs in " in line for line in explained), broken["stderr"][-4000:]
+    assert any("example_inputs[" in line for line in explained), explained
+    summary = next(line for line in broken["stderr"].splitlines() if "torch compile cache hit; " in line)
+    assert "FX misses explained (" in summary or "FX miss explained: " in summary, summary
+    assert "example_inputs[" in summary.split("explained", 1)[1], summary
 
 
 @pytest.mark.slow

@@ -14,34 +14,16 @@ cold compile takes seconds.
 from __future__ import annotations
 
 import pickle
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from _torch_helpers import matmul  # noqa: E402
+
 from bundler.integrations import torch as bt  # noqa: E402
 from bundler.integrations import torch_lookups as tl  # noqa: E402
-
-
-@pytest.fixture
-def inductor_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Inductor's cache and default dirs inside tmp_path; Dynamo reset before and after."""
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "ATEN_CPU_CAPABILITY", "BUNDLER_STRICT",
-                 "BUNDLER_TAG", "BUNDLER_REMOTE", "BUNDLER_REF"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    torch._dynamo.reset()
-    yield tmp_path / "inductor"
-    torch._dynamo.reset()
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a @ b
 
 
 def _matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,7 +53,7 @@ def test_the_recorder_sees_the_keys_a_real_compile_looks_up_and_restores_torch(i
     originals = {target: _raw(target) for target in tl._TARGETS}
     with tl.LookupRecorder() as recorder:
         assert all(_raw(target) is not originals[target] for target in tl._TARGETS), "not wrapped"
-        _train_step(_matmul)  # cold: every lookup misses, and is recorded all the same
+        _train_step(matmul)  # cold: every lookup misses, and is recorded all the same
     assert all(_raw(target) is originals[target] for target in tl._TARGETS), "not restored"
     on_disk = tl.installed_keys(_members(inductor_dir))
     assert len(on_disk[tl.FX]) == 2 and len(on_disk[tl.AOT]) == 1, _members(inductor_dir)
@@ -79,12 +61,12 @@ def test_the_recorder_sees_the_keys_a_real_compile_looks_up_and_restores_torch(i
     assert on_disk[tl.FX] <= seen[tl.FX] and on_disk[tl.AOT] <= seen[tl.AOT], seen
     assert seen[tl.AUTOTUNE] == set()  # watched, but a CPU compile has no Triton kernels
 
-    _train_step(_matmul)  # after stop: nothing more is recorded
+    _train_step(matmul)  # after stop: nothing more is recorded
     assert recorder.seen() == seen
 
 
 def test_installed_entries_another_job_never_looks_up_are_counted(inductor_dir: Path) -> None:
-    _train_step(_matmul)
+    _train_step(matmul)
     installed = _members(inductor_dir)  # what a bundle of this cache would install
     with tl.LookupRecorder() as other_job:
         _train_step(_matmul_t)  # another graph: other keys
@@ -93,7 +75,7 @@ def test_installed_entries_another_job_never_looks_up_are_counted(inductor_dir: 
 
     hits = counters["aot_autograd"]["autograd_cache_hit"]
     with tl.LookupRecorder() as same_job:
-        _train_step(_matmul)  # the same graph: AOTAutograd hit, which loads both FX graphs by key
+        _train_step(matmul)  # the same graph: AOTAutograd hit, which loads both FX graphs by key
     assert counters["aot_autograd"]["autograd_cache_hit"] == hits + 1
     assert tl.summary_phrase(installed, same_job) == "never looked up: 0 of 2 FX graphs, 0 of 1 AOT entries"
 
@@ -183,12 +165,12 @@ def test_the_session_summary_says_which_installed_entries_were_never_looked_up(
     """In process: bake a bundle, then install it into empty dirs for a job that uses it and for
     one that compiles another graph."""
     with bt.CompileCache(local_store_url, background=False) as producer:
-        _train_step(_matmul)
+        _train_step(matmul)
     assert producer.status == "miss" and "pushed" in producer.summary_line(), producer.summary_line()
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "consumer"))
     with bt.CompileCache(local_store_url, background=False, push=False) as consumer:
-        _train_step(_matmul)
+        _train_step(matmul)
     assert consumer.status == "hit", consumer.reason
     assert "never looked up: 0 of 2 FX graphs, 0 of 1 AOT entries" in consumer.summary_line()
 

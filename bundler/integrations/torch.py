@@ -451,6 +451,9 @@ class CompileCache:
         self._held_s = 0.0
         self._lookups: Any = None  # torch_lookups.LookupRecorder while a bundle may be installed
         self._installed_members: list[str] = []
+        self._fx_details: Any = None  # torch_missdiff.DetailsRecorder: components of the FX keys computed here
+        self._bundle_fx: Any = None  # torch_missdiff.Bundled: those of the installed bundle's graphs
+        self._fx_miss_phrase = ""
 
     # -- begin ---------------------------------------------------------------------------------
 
@@ -483,6 +486,9 @@ class CompileCache:
             from bundler.integrations import torch_lookups
 
             self._lookups = torch_lookups.LookupRecorder().start()  # keys looked up, for the summary
+            from bundler.integrations import torch_missdiff
+
+            self._fx_details = torch_missdiff.DetailsRecorder().start()  # why an FX graph missed
         self._counters_before = _work_counters()
         self._compile_s_before = _inductor_compile_s()
         if not self._background:
@@ -606,6 +612,9 @@ class CompileCache:
         result = transfer.pull(store, layers, digest=found.digest, settings=self.settings, rewrite=rewriter)
         members = [record.path for record in result.manifest.files]
         self._installed_members = members
+        from bundler.integrations import torch_missdiff
+
+        self._bundle_fx = torch_missdiff.read_details(found.extra.get("fx_key_details"))
         moved = relocate_entries(layers[INDUCTOR], members, rewriter.moves)
         if moved:
             log.info("torch compile cache: pointed %d cache entries at this node's directories", moved)
@@ -632,6 +641,8 @@ class CompileCache:
         self._ended = True
         if self._lookups is not None:
             self._lookups.stop()
+        if self._fx_details is not None:
+            self._fx_details.stop()
         if self._worker is not None:
             from bundler.integrations import torch_gate
 
@@ -648,6 +659,11 @@ class CompileCache:
         added = self._added_files()
         if not failed and self.settings is not None and self.settings.remote and self._push:
             self._maybe_push(added)
+        if self.status == "hit" and work.get("inductor.fxgraph_cache_miss"):
+            from bundler.integrations import torch_missdiff
+
+            self._fx_miss_phrase = torch_missdiff.explain_session(
+                self._fx_details, self._before.get(INDUCTOR, _Snapshot({})).files, self._bundle_fx)
         self._summary = self._make_summary(work, added)
         log.info("%s", self._summary)
         if self._strict and not failed:
@@ -695,6 +711,11 @@ class CompileCache:
             "inductor_settings": _config_dict("torch._inductor.config"),
             "functorch_settings": _config_dict("torch._functorch.config"),
         }
+        from bundler.integrations import torch_missdiff
+
+        fx_details = torch_missdiff.for_ref(source, self._fx_details, self._bundle_fx)  # capped at 256 KiB
+        if fx_details:
+            extra["fx_key_details"] = fx_details
         result = transfer.push(self._open_store(), source, ref=self.ref, ref_extra=extra, producer=producer,
                                settings=self.settings)
         self.pushed_bytes, self.pushed_digest = result.size, result.digest
@@ -742,6 +763,8 @@ class CompileCache:
             unused = torch_lookups.summary_phrase(self._installed_members, self._lookups)
             if unused:
                 parts.append(unused)
+            if self._fx_miss_phrase:
+                parts.append(self._fx_miss_phrase)
         builds = sum(1 for names in added.values() for name in names if name.endswith((".so", ".gch")))
         parts.append(f"C++ builds {builds}")
         if self.pulled_bytes:
