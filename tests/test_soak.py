@@ -109,6 +109,10 @@ def _soak(store_url: str, base: Path) -> dict[str, int]:
                                    args=(store_url, str(base / "dest" / str(i)), str(node_state),
                                          rng.randrange(1 << 30), rng.randrange(3, 8)))
             slots[i].start()
+            if rng.random() < 0.2:  # kill mid-work soon after a start: forking a big test process can
+                time.sleep(rng.uniform(0, 0.03))  # take longer than a worker lives, so the periodic
+                with contextlib.suppress(ProcessLookupError):  # killer alone may find none alive
+                    os.kill(slots[i].pid, signal.SIGKILL)  # a process this test started
         time.sleep(rng.uniform(0.05, 0.25))
         alive = [p for p in slots if p is not None and p.is_alive()]
         for victim in rng.sample(alive, min(len(alive), rng.choice([0, 1, 2, 2]))):
