@@ -39,9 +39,10 @@ import functools
 import importlib
 import inspect
 import logging
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from bundler.integrations.torch_hooks import Recorder, SharedHooks
 
 log = logging.getLogger(__name__)
 
@@ -116,38 +117,18 @@ def summary_phrase(members: Iterable[str], recorder: LookupRecorder | None) -> s
 # --- the recorder ---------------------------------------------------------------------------------
 
 
-class LookupRecorder:
+class LookupRecorder(Recorder):
     """Records the cache keys this process looks up between :meth:`start` and :meth:`stop`.
 
     Thread-safe; never raises. ``seen()`` gives, per layer, the keys seen, or None for a layer
     whose lookup function this torch lacks (or that could not be wrapped).
     """
 
+    what = "cache lookups"
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        super().__init__()
         self._seen: dict[str, set[str]] = {layer: set() for layer in LAYERS}
-        self._watched: frozenset[str] = frozenset()
-        self._running = False
-
-    def start(self) -> LookupRecorder:
-        if self._running:
-            return self
-        try:
-            self._watched = _registry.add(self)
-            self._running = True
-        except Exception as exc:  # noqa: BLE001 - a private torch API; never fail the job
-            log.debug("cache lookups not recorded: %s: %s", type(exc).__name__, exc)
-            self._watched = frozenset()
-        return self
-
-    def stop(self) -> LookupRecorder:
-        if self._running:
-            self._running = False
-            try:
-                _registry.remove(self)
-            except Exception as exc:  # noqa: BLE001
-                log.debug("could not remove the cache lookup wrappers: %s: %s", type(exc).__name__, exc)
-        return self
 
     def record(self, layer: str, key: str) -> None:
         with self._lock:
@@ -155,13 +136,7 @@ class LookupRecorder:
 
     def seen(self) -> dict[str, set[str] | None]:
         with self._lock:
-            return {layer: set(self._seen[layer]) if layer in self._watched else None for layer in LAYERS}
-
-    def __enter__(self) -> LookupRecorder:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+            return {layer: set(self._seen[layer]) if layer in self.watched else None for layer in LAYERS}
 
 
 # --- the wrappers ---------------------------------------------------------------------------------
@@ -198,39 +173,8 @@ class _Hook:
     wrapper: Any  # what we put in its place
 
 
-class _Registry:
-    """The wrappers, shared by all running recorders: installed with the first, removed with the last."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._recorders: tuple[LookupRecorder, ...] = ()
-        self._hooks: list[_Hook] = []
-        self._layers: frozenset[str] = frozenset()
-
-    def add(self, recorder: LookupRecorder) -> frozenset[str]:
-        with self._lock:
-            if not self._recorders:
-                self._hooks, self._layers = _install(self._deliver)
-            self._recorders = (*self._recorders, recorder)
-            return self._layers
-
-    def remove(self, recorder: LookupRecorder) -> None:
-        with self._lock:
-            self._recorders = tuple(r for r in self._recorders if r is not recorder)
-            if not self._recorders:
-                hooks, self._hooks, self._layers = self._hooks, [], frozenset()
-                _uninstall(hooks)
-
-    def _deliver(self, layer: str, key: str) -> None:
-        for recorder in self._recorders:  # a tuple, replaced whole: no lock on the lookup path
-            recorder.record(layer, key)
-
-
-_registry = _Registry()
-
-
-def _install(deliver: Callable[[str, str], None]) -> tuple[list[_Hook], frozenset[str]]:
-    """Wrap every target this torch has; the layers all of whose targets are wrapped."""
+def _install(deliver: Callable[[str, str], None]) -> tuple[Callable[[], None], frozenset[str]]:
+    """Wrap every target this torch has: how to undo it, and the layers all of whose targets are wrapped."""
     hooks: list[_Hook] = []
     failed: set[str] = set()
     for target in _TARGETS:
@@ -242,7 +186,7 @@ def _install(deliver: Callable[[str, str], None]) -> tuple[list[_Hook], frozense
     layers = frozenset(target.layer for target in _TARGETS) - failed
     for layer in sorted(failed):
         log.debug("cache lookups of %s not recorded on this torch", _NOUNS[layer])
-    return hooks, layers
+    return functools.partial(_uninstall, hooks), layers
 
 
 def _wrap(target: _Target, deliver: Callable[[str, str], None]) -> _Hook | None:
@@ -306,3 +250,6 @@ def _uninstall(hooks: list[_Hook]) -> None:
             setattr(hook.owner, hook.target.attr, hook.original)
         else:  # wrapped again by someone else since: leave theirs (ours forwards to the original)
             log.debug("%s.%s was replaced since it was wrapped; left as it is", hook.target.owner, hook.target.attr)
+
+
+LookupRecorder.hooks = SharedHooks(_install, nothing=frozenset())

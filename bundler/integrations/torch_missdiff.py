@@ -35,9 +35,10 @@ import inspect
 import json
 import logging
 import re
-import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from bundler.integrations.torch_hooks import Recorder, SharedHooks
 
 log = logging.getLogger(__name__)
 
@@ -107,35 +108,20 @@ def _value(text: str) -> str:
 # --- the recorder ---------------------------------------------------------------------------------
 
 
-class DetailsRecorder:
+class DetailsRecorder(Recorder):
     """The components of every FX graph key this process computes between :meth:`start` and
     :meth:`stop`. Thread-safe; never raises. ``watching``: whether this torch could be wrapped."""
 
+    what = "FX graph key components"
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        super().__init__()
         self._details: dict[str, dict[str, str]] = {}
         self._texts: dict[str, str] = {}
-        self._running = False
-        self.watching = False
 
-    def start(self) -> DetailsRecorder:
-        if self._running:
-            return self
-        try:
-            self.watching = _registry.add(self)
-            self._running = True
-        except Exception as exc:  # noqa: BLE001 - a private torch API; never fail the job
-            log.debug("FX graph key components not recorded: %s: %s", type(exc).__name__, exc)
-        return self
-
-    def stop(self) -> DetailsRecorder:
-        if self._running:
-            self._running = False
-            try:
-                _registry.remove(self)
-            except Exception as exc:  # noqa: BLE001
-                log.debug("could not remove the FX graph key wrapper: %s: %s", type(exc).__name__, exc)
-        return self
+    @property
+    def watching(self) -> bool:
+        return bool(self.watched)
 
     def record(self, key: str, parts: dict[str, str]) -> None:
         with self._lock:
@@ -148,67 +134,26 @@ class DetailsRecorder:
         with self._lock:
             return dict(self._details)
 
-    def __enter__(self) -> DetailsRecorder:
-        return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class _Registry:
-    """One wrapper shared by all running recorders: installed with the first, removed with the last."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._recorders: tuple[DetailsRecorder, ...] = ()
-        self._hook: tuple[Any, Any, Any] | None = None  # (module, original, wrapper)
-
-    def add(self, recorder: DetailsRecorder) -> bool:
-        with self._lock:
-            if not self._recorders:
-                self._hook = _wrap(self._deliver)
-            self._recorders = (*self._recorders, recorder)
-            return self._hook is not None
-
-    def remove(self, recorder: DetailsRecorder) -> None:
-        with self._lock:
-            self._recorders = tuple(r for r in self._recorders if r is not recorder)
-            if not self._recorders and self._hook is not None:
-                (module, original, wrapper), self._hook = self._hook, None
-                if module.__dict__.get(_ATTR) is wrapper:
-                    setattr(module, _ATTR, original)
-                else:  # wrapped again by someone else since: leave theirs (ours forwards to the original)
-                    log.debug("%s.%s was replaced since it was wrapped; left as it is", _MODULE, _ATTR)
-
-    def _deliver(self, key: str, lines: list[Any]) -> None:
-        recorders = self._recorders  # a tuple, replaced whole: no lock on the compile path
-        if recorders:
-            parts = components(lines)
-            for recorder in recorders:
-                recorder.record(key, parts)
-
-
-_registry = _Registry()
-
-
-def _wrap(deliver: Any) -> tuple[Any, Any, Any] | None:
+def _wrap(deliver: Any) -> tuple[Any, bool]:
+    """Wrap ``compiled_fx_graph_hash`` where this torch has the one we know: (undo, whether wrapped)."""
     try:
         module = importlib.import_module(_MODULE)
         func = module.__dict__[_ATTR]
         names = list(inspect.signature(func).parameters)
     except Exception as exc:  # noqa: BLE001 - absent in this torch
         log.debug("no %s.%s: %s", _MODULE, _ATTR, exc)
-        return None
+        return _nothing_to_undo, False
     if not inspect.isfunction(func) or names[: len(_PARAMS)] != list(_PARAMS):
         log.debug("%s.%s has parameters %s, not %s: not recorded", _MODULE, _ATTR, names, _PARAMS)
-        return None
+        return _nothing_to_undo, False
 
     def compiled_fx_graph_hash(*args: Any, **kwargs: Any) -> Any:
         result = func(*args, **kwargs)
         try:
             if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str) \
                     and isinstance(result[1], list):
-                deliver(result[0], result[1])
+                deliver(result[0], components(result[1]))  # once, for every recorder
         except Exception:  # noqa: BLE001, S110 - recording is a courtesy; the key is returned as is
             pass
         return result
@@ -216,7 +161,21 @@ def _wrap(deliver: Any) -> tuple[Any, Any, Any] | None:
     compiled_fx_graph_hash.__wrapped__ = func  # type: ignore[attr-defined]
     compiled_fx_graph_hash.__doc__ = func.__doc__
     setattr(module, _ATTR, compiled_fx_graph_hash)
-    return module, func, compiled_fx_graph_hash
+
+    def undo() -> None:
+        if module.__dict__.get(_ATTR) is compiled_fx_graph_hash:
+            setattr(module, _ATTR, func)
+        else:  # wrapped again by someone else since: leave theirs (ours forwards to the original)
+            log.debug("%s.%s was replaced since it was wrapped; left as it is", _MODULE, _ATTR)
+
+    return undo, True
+
+
+def _nothing_to_undo() -> None:
+    pass
+
+
+DetailsRecorder.hooks = SharedHooks(_wrap, nothing=False)
 
 
 # --- the ref field ------------------------------------------------------------------------------
