@@ -69,3 +69,15 @@ def one_line(text: object, limit: int = 120) -> str:
     """``text`` cut to its first line and ``limit`` characters, for a warning (details go to DEBUG)."""
     first = str(text).splitlines()[0] if str(text) else ""
     return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+#: Messages :func:`warn_once` has given in this process.
+_warned: set[str] = set()
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """Warn about a condition that holds for the whole process (a setting, a missing feature) once,
+    not at every cache lookup it affects."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)

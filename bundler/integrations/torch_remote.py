@@ -44,6 +44,7 @@ import importlib
 import logging
 from typing import Any
 
+from bundler import logs
 from bundler.config import Settings
 from bundler.errors import ConfigError
 from bundler.remote import layout
@@ -61,7 +62,6 @@ MAX_ENTRY_BYTES = 256 << 20
 _CACHE_CLASSES = ("RemoteFxGraphCache", "RemoteAOTAutogradCache", "RemoteAutotuneCache",
                   "RemoteBundledAutotuneCache")
 _saved: dict[tuple[Any, str], Any] = {}
-_unsigned_refused = False
 
 
 def inductor_object_key(key: str) -> str:
@@ -117,11 +117,8 @@ def backend_class() -> type:
 
 
 def _refuse_unsigned() -> None:
-    global _unsigned_refused
-    if not _unsigned_refused:
-        _unsigned_refused = True
-        log.warning("Inductor remote cache: signing is configured and remote entries are unsigned code, "
-                    "so none are loaded (use signed bundles: compile_cache)")
+    logs.warn_once(log, "Inductor remote cache: signing is configured and remote entries are unsigned code, "
+                   "so none are loaded (use signed bundles: compile_cache)")
 
 
 def install(*, fx_graph: bool = True, autograd: bool = True, autotune: bool = True) -> bool:

@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 TRITON_PREFIX = f"{layout.LAYOUT_VERSION}/triton/"
 HASHED_PREFIX = "sha256-"
 
-_unsigned_refused = False  # the signing-key warning is given once per process
 
 
 def _segment(name: str) -> str:
@@ -105,8 +104,5 @@ class StoreRemoteCacheBackend(RemoteCacheBackend):
 
 
 def _refuse_unsigned() -> None:
-    global _unsigned_refused
-    if not _unsigned_refused:
-        _unsigned_refused = True
-        log.warning("Triton remote cache: signing is configured (BUNDLER_SIGNING_KEY / _FILE / "
-                    "BUNDLER_TRUSTED_KEYS) and kernel files in the store are unsigned, so none are loaded")
+    logs.warn_once(log, "Triton remote cache: signing is configured (BUNDLER_SIGNING_KEY / _FILE / "
+                   "BUNDLER_TRUSTED_KEYS) and kernel files in the store are unsigned, so none are loaded")
