@@ -58,7 +58,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from bundler.bundle.manifest import FORMAT_VERSION
 from bundler.config import Settings
 from bundler.errors import BundlerError, ConfigError, NotFoundError
 
@@ -172,6 +171,8 @@ def environment_facts(tag: str | None = None) -> dict[str, str]:
     """
     import torch
     from torch._inductor.codecache import torch_key
+
+    from bundler.bundle.manifest import FORMAT_VERSION  # here, not at import: jobs import this module
 
     facts = {
         "torch": torch.__version__,
@@ -667,7 +668,7 @@ class CompileCache:
         self._summary = self._make_summary(work, added)
         log.info("%s", self._summary)
         if self._strict and not failed:
-            self._check_strict(work)
+            self._check_strict(work, added)
 
     def _work_done(self) -> dict[str, int]:
         after = _work_counters()
@@ -722,12 +723,12 @@ class CompileCache:
         log.info("torch compile cache: pushed %s (%d files, %d bytes) as %s",
                  result.digest[:12], len(result.manifest.files), result.size, self.ref)
 
-    def _check_strict(self, work: dict[str, int]) -> None:
+    def _check_strict(self, work: dict[str, int], added: dict[str, list[str]]) -> None:
         problems = [f"{name}={count}" for name, count in sorted(work.items())]
-        builds = self._cpp_builds()
+        builds = _cpp_builds(added)
         if builds:
             problems.append(f"cpp_builds={len(builds)} ({', '.join(builds[:3])})")
-        remade = self._remade_files()
+        remade = _remade_files(added)
         if remade:
             problems.append(f"files_made_anew={len(remade)} ({', '.join(remade[:3])})")
         if self.status != "hit":
@@ -738,16 +739,6 @@ class CompileCache:
                 + "; ".join(problems)
                 + ". Re-bake the bundle in the same environment (see `explain`), or unset BUNDLER_STRICT"
             )
-
-    def _remade_files(self) -> list[str]:
-        """Tuning results and GPU binaries written during the session: runtime re-tuning."""
-        added = self._added_files() if self._before else {}
-        return [name for names in added.values() for name in names
-                if name.endswith(_WORK_SUFFIXES) and not name.endswith((".so", ".gch"))]
-
-    def _cpp_builds(self) -> list[str]:
-        added = self._added_files() if self._before else {}
-        return [name for names in added.values() for name in names if name.endswith((".so", ".gch"))]
 
     def _make_summary(self, work: dict[str, int], added: dict[str, list[str]]) -> str:
         elapsed = time.monotonic() - self._started
@@ -765,8 +756,7 @@ class CompileCache:
                 parts.append(unused)
             if self._fx_miss_phrase:
                 parts.append(self._fx_miss_phrase)
-        builds = sum(1 for names in added.values() for name in names if name.endswith((".so", ".gch")))
-        parts.append(f"C++ builds {builds}")
+        parts.append(f"C++ builds {len(_cpp_builds(added))}")
         if self.pulled_bytes:
             parts.append(f"pulled {self.pulled_files} files / {_mib(self.pulled_bytes)}")
         if self.pushed_bytes:
@@ -891,6 +881,16 @@ def _nearest(store: Any, prefix: str, facts: Mapping[str, str], settings: Settin
         return f"no bundle under {prefix}/ in {store.url}: the first run of this job pushes one"
     _, name, differing, _ = best
     return f"nearest bundle {name} differs: " + "; ".join(differing)
+
+
+def _remade_files(added: Mapping[str, list[str]]) -> list[str]:
+    """Tuning results and GPU binaries written during the session: runtime re-tuning."""
+    return [name for names in added.values() for name in names
+            if name.endswith(_WORK_SUFFIXES) and not name.endswith((".so", ".gch"))]
+
+
+def _cpp_builds(added: Mapping[str, list[str]]) -> list[str]:
+    return [name for names in added.values() for name in names if name.endswith((".so", ".gch"))]
 
 
 def _strict_from_env(settings: Settings) -> bool:
