@@ -108,25 +108,15 @@ def bench(label: str, src: Path, rounds: int, only: str | None) -> list[str]:
         "| operation | ours: median (spread) | baseline: median (spread) | ratio | ours MB/s |",
         "| --- | --- | --- | --- | --- |",
     ]
+
+    def command(*args: str):  # noqa: ANN202 - one whole `bundler` command, as users run it
+        return lambda: subprocess.run([*BUNDLER, *args], check=True, stdout=subprocess.DEVNULL)
+
     if only in (None, "unpack"):
         s = interleaved(
             {
-                "cmd": (
-                    fresh_dest,
-                    lambda: subprocess.run(
-                        [*BUNDLER, "unpack", str(ours_file), "--into", str(dest)],
-                        check=True,
-                        stdout=subprocess.DEVNULL,
-                    ),
-                ),
-                "raw": (
-                    fresh_dest,
-                    lambda: subprocess.run(
-                        [*BUNDLER, "unpack", str(ours_file), "--into", str(dest), "--raw"],
-                        check=True,
-                        stdout=subprocess.DEVNULL,
-                    ),
-                ),
+                "cmd": (fresh_dest, command("unpack", str(ours_file), "--into", str(dest))),
+                "raw": (fresh_dest, command("unpack", str(ours_file), "--into", str(dest), "--raw")),
                 "lib": (fresh_dest, unpack_lib),
                 "base": (fresh_dest, lambda: shell(f"zstd -q -dc {theirs_file} | tar -C {dest} -xf -")),
             },
@@ -142,11 +132,7 @@ def bench(label: str, src: Path, rounds: int, only: str | None) -> list[str]:
             {
                 "cmd": (
                     nothing,
-                    lambda: subprocess.run(
-                        [*BUNDLER, "pack", str(src), "-o", str(ours_file)],
-                        check=True,
-                        stdout=subprocess.DEVNULL,
-                    ),
+                    command("pack", str(src), "-o", str(ours_file)),
                 ),
                 "lib": (nothing, lambda: archive.pack(src, io.BytesIO())),
                 "base": (nothing, lambda: shell(f"tar -C {src} -cf - . | zstd -q -T0 -3 > {theirs_file}")),
