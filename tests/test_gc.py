@@ -166,6 +166,22 @@ def test_gc_spares_a_bundle_a_ref_moved_onto_after_the_plan(local_store_url):
         assert old in stored_bundles(store)
 
 
+def test_a_bundle_a_ref_needs_besides_its_own_is_kept(local_store_url):
+    """A torch ref names its precompiled-header bundle in ``extra.bundles``; no ref names it as its
+    own bundle, and gc must still never delete it while the ref exists."""
+    with open_store(local_store_url, Settings()) as store:
+        headers = transfer.push(store, {"pch/h.gch": b"header"}, settings=Settings()).digest
+        main = transfer.push(store, {"inductor/x": b"x"}, ref="torch/abc", settings=Settings(),
+                             ref_extra={"bundles": {"pch": {"digest": headers, "size": 1, "files": 1}}}).digest
+        stray = transfer.push(store, {"pch/old.gch": b"old"}, settings=Settings()).digest
+        later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+        refs, bundles = gc.gather(store)
+        plan = gc.plan(refs, bundles, gc.Policy(grace=0), later)
+        assert [b.digest for b in plan.delete_bundles] == [stray]
+        gc.execute(store, plan, clock=lambda: later)
+        assert stored_bundles(store) == {headers, main}
+
+
 def test_concurrent_pushes_during_gc_lose_nothing(tmp_path):
     """Threads push (new bundles, and bundles gc is deleting as old) while gc runs with a 1 h grace."""
     url = (tmp_path / "store").as_uri()

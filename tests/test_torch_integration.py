@@ -182,6 +182,84 @@ def test_a_hit_lands_every_layer_where_inductor_looks(
     assert "pushed" not in session.summary_line()  # a complete hit pushes nothing
 
 
+class _HeldReads:
+    """A real store whose reads of one key wait until the test releases them."""
+
+    def __init__(self, store, key: str) -> None:  # noqa: ANN001
+        self._store, self._key = store, key
+        self.release = __import__("threading").Event()
+        self.url = store.url
+
+    def open_read(self, key: str, **kwargs):  # noqa: ANN201
+        if key == self._key:
+            self.release.wait(60)
+        return self._store.open_read(key, **kwargs)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._store, name)
+
+
+def _push_with_headers(store, facts: dict, headers: dict) -> str:  # noqa: ANN001
+    """A ref as a cold session writes it: the headers in a bundle of their own, named in ``bundles``."""
+    from bundler.remote import layout
+
+    pushed = transfer.push(store, headers, producer=facts)
+    entry = {"digest": pushed.digest, "size": pushed.size, "files": len(headers)}
+    transfer.push(store, {"inductor/fxgraph/ab/fabc/entry": b"entry"}, ref=bt.ref_name(facts), producer=facts,
+                  ref_extra={"dirs": {"inductor": "/nowhere/inductor"}, "bundles": {"pch": entry}})
+    return layout.bundle_key(pushed.digest)
+
+
+def test_the_header_bundle_lands_after_the_first_compile_but_before_a_header_build(
+    isolated_inductor: Path, local_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first compile waits only for the main bundle; Inductor's header build (its write into
+    the header folder) waits for the header bundle, so it finds the header and builds nothing."""
+    import threading
+
+    from torch._inductor import codecache
+
+    facts = bt.environment_facts("")
+    pch = bt.cache_dirs().pch
+    assert pch is not None
+    monkeypatch.setattr(codecache, "_HEADER_DIR", str(pch))  # Inductor computed its own at import
+    with open_store(local_store_url) as raw:
+        key = _push_with_headers(raw, facts, {"pch/c1.h": b"#include <x.h>\n", "pch/c1.h.gch": b"gch"})
+        store = _HeldReads(raw, key)
+        session = bt.CompileCache(local_store_url, store=store, push=False).begin()
+        try:
+            assert session.status == "hit", session.reason  # the main bundle alone releases the compile
+            assert (isolated_inductor / "fxgraph" / "ab" / "fabc" / "entry").exists()
+            assert not (pch / "c1.h.gch").exists()
+            build = threading.Thread(target=codecache.write, args=("#include <y.h>\n", "h"),
+                                     kwargs={"specified_dir": str(pch)})
+            build.start()
+            build.join(0.5)
+            assert build.is_alive(), "the header build did not wait for the header bundle"
+        finally:
+            store.release.set()
+        build.join(60)
+        assert (pch / "c1.h.gch").read_bytes() == b"gch"
+        session.end()
+    assert "header build held" in session.summary_line()
+    assert session.pulled_files == 3
+
+
+def test_a_missing_header_bundle_still_hits(
+    isolated_inductor: Path, local_store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inductor builds headers it does not find: a lost header bundle costs a warning, not the hit."""
+    facts = bt.environment_facts("")
+    with open_store(local_store_url) as store:
+        key = _push_with_headers(store, facts, {"pch/c1.h.gch": b"gch"})
+        store.delete(key)
+        session = bt.CompileCache(local_store_url, push=False).begin()
+        assert session.status == "hit", session.reason
+        session.end()
+    assert "precompiled headers" in caplog.text and "not installed" in caplog.text
+    assert not list(isolated_inductor.parent.rglob("c1.h.gch"))
+
+
 def test_a_dead_store_costs_a_warning_not_the_job(isolated_inductor: Path, aws_env: None,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings(connect_timeout=0.5, read_timeout=0.5, max_attempts=1)
@@ -270,6 +348,21 @@ def test_relocate_a_real_h200_fx_graph_entry(tmp_path: Path) -> None:
 # --- end to end in fresh processes (slow) ---------------------------------------------------------
 
 
+def _bundle_bytes(store, digest: str) -> bytes:  # noqa: ANN001
+    """A stored bundle, decompressed: a plain tar stream."""
+    import zstandard
+
+    from bundler.remote import layout
+
+    with store.open_read(layout.bundle_key(digest)) as stream:
+        return zstandard.ZstdDecompressor().stream_reader(stream).read()
+
+
+def _member_names(store, digest: str) -> list[str]:  # noqa: ANN001
+    with tarfile.open(fileobj=io.BytesIO(_bundle_bytes(store, digest)), mode="r|*") as tar:
+        return [member.name for member in tar]
+
+
 def _job(url: str, root: Path, *args: str, env: dict | None = None, check: bool = True) -> dict:
     """The job with a ``compile_cache`` session on ``url``, in a fresh process (see :func:`_run`)."""
     return _run(root, ["--bundle", url, *args], env=env, check=check)
@@ -301,7 +394,7 @@ def _run(root: Path, argv: list[str], env: dict | None = None, check: bool = Tru
 
 @pytest.mark.slow
 def test_bake_then_warm_start_elsewhere_then_misses_that_say_why(
-    moto_endpoint: str, tmp_path: Path
+    moto_endpoint: str, tmp_path: Path, aws_env: None
 ) -> None:
     """One bake, then every consumer of it (one test, so xdist never bakes twice)."""
     bucket = f"torch-{uuid.uuid4().hex[:12]}"
@@ -314,6 +407,14 @@ def test_bake_then_warm_start_elsewhere_then_misses_that_say_why(
     assert cold["inductor"]["fxgraph_cache_miss"] >= 1
     assert "pushed" in cold["summary"], cold["stderr"][-3000:]
     (tmp_path / "producer").rename(tmp_path / "producer.away")
+    #    the precompiled headers went into a bundle of their own, which the ref names
+    with open_store(url) as store:
+        found = __import__("bundler.remote.refs", fromlist=["read_ref"]).read_ref(
+            store, cold["session"]["ref"], Settings())
+        headers = found.extra["bundles"]["pch"]
+        main, pch = _member_names(store, found.digest), _member_names(store, headers["digest"])
+    assert not any(name.startswith("pch/") for name in main), main
+    assert any(name.endswith(".gch") for name in pch) and headers["files"] == len(pch) - 1, pch
 
     # 2. a fresh process, empty caches at another path, strict: compiles and builds nothing
     warm = _job(url, tmp_path / "consumer", "--strict")
@@ -331,8 +432,11 @@ def test_bake_then_warm_start_elsewhere_then_misses_that_say_why(
 
     # 2b. the fetch runs in the background: the first compile starts before the bundle is there
     #     (the download is held until then) and waits for it, so it still hits
+    #     ... and the header bundle arrives while Inductor's header build waits for it
     held = _job(url, tmp_path / "held", "--strict", "--hold-fetch")
     assert held["session"]["gate_held"] is True, held["stderr"][-3000:]
+    assert held["session"]["header_gate_held"] is True, held["stderr"][-3000:]
+    assert [b for b in held["cpp_builds"] if b != "header.i"] == [], held["cpp_builds"]
     assert held["session"]["status"] == "hit", held["summary"]
     assert held["inductor"].get("fxgraph_cache_miss", 0) == 0, held["inductor"]
     assert held["aot_autograd"].get("autograd_cache_miss", 0) == 0, held["aot_autograd"]

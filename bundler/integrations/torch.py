@@ -27,7 +27,10 @@ What happens, and why in that order (docs/torch.md has the measurements and torc
    same prefix is named with the facts that differ (:func:`explain`).
 4. The bundle unpacks into the cache directories before the first compile, through the ordinary
    ``transfer.pull`` (verified, atomic), with Triton group files and Inductor's pickled absolute
-   paths relocated to this node's directories (:mod:`bundler.integrations.torch_relocate`).
+   paths relocated to this node's directories (:mod:`bundler.integrations.torch_relocate`). The
+   precompiled headers (one ~150 MB file on a CPU job, nearly all the bytes) are a bundle of their
+   own, named in the ref's ``bundles``: they are pulled after the first compile is released, and
+   only Inductor's first header build waits for them (:mod:`bundler.integrations.torch_gate`).
 5. ``end`` (after a miss, or a hit that still compiled something) packs the cache directories and
    pushes them with ``transfer.push``; after a complete hit it pushes nothing. In strict mode
    (``strict=True`` or ``BUNDLER_STRICT=1``) a session that should have been a warm start but
@@ -82,7 +85,7 @@ COMPAT_FACTS = (
 #: fact also carries the archive format written (:data:`bundler.bundle.manifest.FORMAT_VERSION`), so
 #: a release that writes a newer archive uses other refs than the releases that cannot read it: in
 #: a fleet part-way through an upgrade, old nodes never fetch (and refuse) the new bundles.
-TORCH_BUNDLE_FORMAT = "1"
+TORCH_BUNDLE_FORMAT = "2"  # 2: precompiled headers in a bundle of their own (the ref's ``bundles``)
 #: Counters that mean "this process compiled or tuned": strict mode's evidence. Not
 #: ``select_algorithm_autotune`` or ``benchmarking.*``: on an FX graph hit Inductor replays the
 #: cached graph's compile-time counter deltas (``codecache.py:1991``), and on an H200 a complete warm
@@ -100,6 +103,9 @@ _WORK_SUFFIXES = (".so", ".gch", ".best_config", ".cubin", ".hsaco")
 _FACTS_MARGIN_S = 30.0
 #: Refs listed by explain() at most (each costs one GET).
 _EXPLAIN_MAX_REFS = 50
+#: The header bundle is one compiled binary with no far repeats: level 1 without long-distance
+#: matching costs ~4% more bytes than the default and about half the CPU on a 154 MB ``.gch``.
+_HEADER_BUNDLE_LEVEL = 1
 
 
 class IncompleteWarmStart(BundlerError):
@@ -431,6 +437,10 @@ class CompileCache:
         self._worker: threading.Thread | None = None
         self._pid = os.getpid()
         self._done = threading.Event()
+        self._headers_done = threading.Event()  # the precompiled-header bundle is in place (or given up)
+        self._headers_gated = False  # only Inductor's header build waits for it (else the first compile does)
+        self._headers: dict[str, Any] | None = None  # the installed ref's header bundle: digest, size, files
+        self._headers_installed: list[str] = []
         self._status = "off"
         self._ref: str | None = None
         self._facts: dict[str, str] = {}
@@ -450,6 +460,7 @@ class CompileCache:
         self._begun = self._ended = False
         self._prepare_s: float | None = None
         self._held_s = 0.0
+        self._headers_held_s = 0.0
         self._lookups: Any = None  # torch_lookups.LookupRecorder while a bundle may be installed
         self._installed_members: list[str] = []
         self._fx_details: Any = None  # torch_missdiff.DetailsRecorder: components of the FX keys computed here
@@ -494,7 +505,9 @@ class CompileCache:
         self._compile_s_before = _inductor_compile_s()
         if not self._background:
             self._prepare()
+            self._pull_headers()
             self._done.set()
+            self._headers_done.set()
             return self
         from bundler.integrations import torch_gate
 
@@ -504,6 +517,9 @@ class CompileCache:
         # initialised module (CPython accepts that to break the deadlock), and that must never be
         # the job's thread.
         torch_gate.hold_until(self._done, self._wait_limit_s(), "the bundle")
+        if self.dirs.pch is not None:
+            self._headers_gated = torch_gate.hold_headers_until(
+                self._headers_done, self._wait_limit_s(), "the precompiled headers")
         self._worker = threading.Thread(target=self._prepare_in_background, name="bundler-torch-fetch", daemon=True)
         self._pid = os.getpid()
         self._worker.start()
@@ -528,12 +544,21 @@ class CompileCache:
         started = time.monotonic()
         try:
             self._prepare()
+            if not self._headers_gated:
+                self._pull_headers()
         except Exception as exc:  # noqa: BLE001 - a background failure must never reach the job
             log.warning("torch compile cache off: %s: %s", type(exc).__name__, exc)
             self._status, self._reason = "error", str(exc)
         finally:
             self._prepare_s = time.monotonic() - started
             self._done.set()
+        try:
+            if self._headers_gated:
+                self._pull_headers()
+        except Exception as exc:  # noqa: BLE001 - the session still hit; Inductor builds its headers
+            log.warning("torch compile cache: precompiled headers not installed: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._headers_done.set()
 
     def _prepare(self) -> None:
         """The facts, the ref, the fetch (when a remote is configured) and the snapshot of the cache
@@ -619,12 +644,42 @@ class CompileCache:
         moved = relocate_entries(layers[INDUCTOR], members, rewriter.moves)
         if moved:
             log.info("torch compile cache: pointed %d cache entries at this node's directories", moved)
+        self._headers = _header_bundle(found.extra)
         self._status = "hit"
         self._pulled_bytes = found.size
         self._pulled_files = len(result.manifest.files)
         compile_s = found.extra.get("inductor_compile_s")
         self._producer_compile_s = float(compile_s) if isinstance(compile_s, int | float) else None
         log.info("torch compile cache hit: %s (%d files, %d bytes)", found.name, self._pulled_files, found.size)
+
+    def _pull_headers(self) -> None:
+        """The installed ref's precompiled-header bundle, into the header folder; then the snapshot
+        of that folder counts the pulled files as the session's starting point (not as builds)."""
+        entry, dirs = self._headers, self.dirs
+        if entry is None or dirs is None or dirs.pch is None or self.settings is None:
+            return
+        from bundler.remote import health
+
+        health.guarded(self.settings, "read", entry["digest"], functools.partial(self._pull_headers_request, entry))
+        if not self._headers_installed:
+            log.warning("torch compile cache: precompiled headers %s not installed; Inductor builds them",
+                        entry["digest"][:12])
+            return
+        before = self._before.setdefault(PCH, _Snapshot({}))
+        for member in self._headers_installed:
+            with contextlib.suppress(OSError):
+                st = os.stat(dirs.pch / member[len(PCH) + 1:], follow_symlinks=False)
+                before.files[member] = (st.st_size, st.st_mtime_ns)
+
+    def _pull_headers_request(self, entry: Mapping[str, Any]) -> None:
+        from bundler.remote import transfer
+
+        assert self.dirs is not None and self.dirs.pch is not None
+        result = transfer.pull(self._open_store(), {PCH: self.dirs.pch}, digest=entry["digest"],
+                               settings=self.settings)
+        self._headers_installed = [record.path for record in result.manifest.files]
+        self._pulled_bytes += int(entry.get("size", 0))
+        self._pulled_files += len(result.manifest.files)
 
     def _explain_miss(self, store: Any) -> str:
         try:
@@ -648,9 +703,13 @@ class CompileCache:
             from bundler.integrations import torch_gate
 
             self._held_s = torch_gate.held_s(self._done)
+            self._headers_held_s = torch_gate.held_s(self._headers_done)
             torch_gate.release(self._done)
+            torch_gate.release(self._headers_done)
             self.wait()
-            if not self._done.is_set():
+            if self._done.is_set() and os.getpid() == self._pid:
+                self._headers_done.wait(self._wait_limit_s())
+            if not (self._done.is_set() and self._headers_done.is_set()):
                 log.warning("torch compile cache: the bundle fetch is still running at the end of the session; "
                             "not pushing")
                 return
@@ -694,18 +753,21 @@ class CompileCache:
             log.warning("torch compile cache: Inductor picked CPU ISA %s, predicted %s; not pushing a bundle "
                         "whose facts would be wrong", picked, self.facts.get("cpu_isa"))
             return
-        health.guarded(self.settings, "write", self.ref or "", self._push_now, wait=False)
+        health.guarded(self.settings, "write", self.ref or "", functools.partial(self._push_now, added), wait=False)
 
-    def _push_now(self) -> None:
+    def _push_now(self, added: Mapping[str, list[str]]) -> None:
         from bundler import keys
         from bundler.integrations.torch_relocate import portable_source
         from bundler.remote import transfer
 
         assert self.dirs is not None and self.ref is not None
-        source = portable_source(self.dirs.layers(), _capture(self.dirs.layers()))
+        captured = _capture(self.dirs.layers())
+        headers = {name: path for name, path in captured.items() if name.startswith(PCH + "/")}
+        source = portable_source(self.dirs.layers(), {n: p for n, p in captured.items() if n not in headers})
         if not source:
             return
         producer = {**keys.producer_facts(), **self.facts}
+        header_entry = self._header_entry(headers, added, producer) if headers else None
         extra = {
             "dirs": {name: str(path) for name, path in self.dirs.layers().items()},
             "inductor_compile_s": round(_inductor_compile_s() - self._compile_s_before, 3),
@@ -717,11 +779,28 @@ class CompileCache:
         fx_details = torch_missdiff.for_ref(source, self._fx_details, self._bundle_fx)  # capped at 256 KiB
         if fx_details:
             extra["fx_key_details"] = fx_details
+        if header_entry is not None:
+            extra["bundles"] = {PCH: header_entry}
         result = transfer.push(self._open_store(), source, ref=self.ref, ref_extra=extra, producer=producer,
                                settings=self.settings)
-        self.pushed_bytes, self.pushed_digest = result.size, result.digest
+        self.pushed_bytes += result.size
+        self.pushed_digest = result.digest
         log.info("torch compile cache: pushed %s (%d files, %d bytes) as %s",
                  result.digest[:12], len(result.manifest.files), result.size, self.ref)
+
+    def _header_entry(self, headers: Mapping[str, str], added: Mapping[str, list[str]],
+                      producer: Mapping[str, str]) -> dict[str, Any]:
+        """The header bundle the ref names: the installed one when this session left the header
+        folder as pulled (no re-pack of ~150 MB), else a new one pushed before the ref (so a ref
+        never names a bundle that is not there yet)."""
+        if self._headers is not None and not added.get(PCH) and sorted(headers) == sorted(self._headers_installed):
+            return dict(self._headers)
+        from bundler.remote import transfer
+
+        settings = self.settings.replace(zstd_level=_HEADER_BUNDLE_LEVEL, long_window_log=0)  # type: ignore[union-attr]
+        result = transfer.push(self._open_store(), dict(headers), producer=producer, settings=settings)
+        self.pushed_bytes += result.size
+        return {"digest": result.digest, "size": result.size, "files": len(result.manifest.files)}
 
     def _check_strict(self, work: dict[str, int], added: dict[str, list[str]]) -> None:
         problems = [f"{name}={count}" for name, count in sorted(work.items())]
@@ -769,7 +848,10 @@ class CompileCache:
         if self.status == "miss" and self.explanation:
             parts.append(self.explanation)
         if self._prepare_s is not None:
-            parts.append(f"fetch {self._prepare_s:.1f} s in the background, first compile held {self._held_s:.1f} s")
+            held = f"first compile held {self._held_s:.1f} s"
+            if self._headers_held_s >= 0.05:
+                held += f", header build held {self._headers_held_s:.1f} s"
+            parts.append(f"fetch {self._prepare_s:.1f} s in the background, {held}")
         parts.append(f"session {elapsed:.1f} s")
         return "; ".join(parts)
 
@@ -881,6 +963,25 @@ def _nearest(store: Any, prefix: str, facts: Mapping[str, str], settings: Settin
         return f"no bundle under {prefix}/ in {store.url}: the first run of this job pushes one"
     _, name, differing, _ = best
     return f"nearest bundle {name} differs: " + "; ".join(differing)
+
+
+def _header_bundle(extra: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ref's precompiled-header bundle (``extra["bundles"]["pch"]``), checked; None if absent."""
+    from bundler.remote import layout
+
+    bundles = extra.get("bundles")
+    entry = bundles.get(PCH) if isinstance(bundles, Mapping) else None
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("digest"), str):
+        return None
+    try:
+        layout.check_digest(entry["digest"])
+    except BundlerError:
+        log.warning("torch compile cache: the ref names a header bundle with a malformed digest; ignoring it")
+        return None
+    size = entry.get("size")
+    files = entry.get("files")
+    return {"digest": entry["digest"], "size": size if isinstance(size, int) else 0,
+            "files": files if isinstance(files, int) else 0}
 
 
 def _remade_files(added: Mapping[str, list[str]]) -> list[str]:

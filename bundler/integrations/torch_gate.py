@@ -10,6 +10,15 @@ any AOTAutograd or FX graph cache lookup (``torch/__init__.py``'s ``_TorchCompil
 and ``torch/_dynamo/backends/inductor.py`` both import it at call time, so the wrapper is what
 they call). While nothing is pending the wrapper costs one list check per compiled graph.
 
+A second, later gate holds only Inductor's precompiled-header build. The header layer is one
+file of ~150 MB (nearly all the bytes a CPU bundle unpacks) that a warm start reads only when it
+loads its first C++ kernel, after the cache lookups and after preprocessing the header to key it.
+So the session pulls that layer as a bundle of its own, after releasing the first gate, and the
+header gate wraps ``codecache.write`` and waits only when Inductor writes into its header folder
+(``codecache._HEADER_DIR``), the step right before it would build a missing header. ``write`` runs
+in the job's process only (unlike ``_worker_compile_cpp``, which Inductor pickles into its compile
+workers), and the wrapper costs one list check per generated file while nothing is pending.
+
 A fetch that is still running after its wait limit is left to finish on its own: the compile goes
 ahead and misses (a warning says so), which is the failure policy everywhere: the cache is never
 a dependency.
@@ -29,6 +38,8 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 #: (ready event, seconds to wait at most, what to name in messages) per fetch not yet awaited.
 _pending: list[tuple[threading.Event, float, str]] = []
+#: The same for precompiled headers: awaited by the first header build, not the first compile.
+_headers_pending: list[tuple[threading.Event, float, str]] = []
 #: Seconds a compile was held for each ready event (read by the session's summary).
 _held_s: dict[threading.Event, float] = {}
 
@@ -39,6 +50,7 @@ def _forget_in_child() -> None:
     global _lock
     _lock = threading.Lock()
     _pending.clear()
+    _headers_pending.clear()
     _held_s.clear()
 
 
@@ -52,10 +64,32 @@ def hold_until(ready: threading.Event, limit_s: float, what: str) -> None:
         _pending.append((ready, limit_s, what))
 
 
+def hold_headers_until(ready: threading.Event, limit_s: float, what: str) -> bool:
+    """Make Inductor's next precompiled-header build wait (at most ``limit_s``) until ``ready``.
+
+    False where this torch lacks the seam (no ``codecache.write`` or ``_HEADER_DIR``): the caller
+    then has the first compile wait for the headers instead, as it waits for the main bundle.
+    """
+    try:
+        from torch._inductor import codecache
+    except Exception:  # noqa: BLE001 - private torch API
+        return False
+    header_dir = getattr(codecache, "_HEADER_DIR", None)
+    if not callable(getattr(codecache, "write", None)) or not isinstance(header_dir, str):
+        return False
+    with _lock:
+        current = codecache.write
+        if not getattr(current, "__bundler_gate__", False):
+            codecache.write = _gated_header_write(current, codecache)
+        _headers_pending.append((ready, limit_s, what))
+    return True
+
+
 def release(ready: threading.Event) -> None:
-    """Forget ``ready`` (its session ended); the gate no longer waits for it."""
+    """Forget ``ready`` (its session ended); the gates no longer wait for it."""
     with _lock:
         _pending[:] = [item for item in _pending if item[0] is not ready]
+        _headers_pending[:] = [item for item in _headers_pending if item[0] is not ready]
         _held_s.pop(ready, None)
 
 
@@ -66,13 +100,17 @@ def held_s(ready: threading.Event) -> float:
 
 def wait_pending() -> None:
     """Block until every pending fetch is done or out of time; then the gate is open."""
+    _wait(_pending, "first compile")
+
+
+def _wait(pending: list[tuple[threading.Event, float, str]], who: str) -> None:
     with _lock:
-        waiting = list(_pending)
-        _pending.clear()
+        waiting = list(pending)
+        pending.clear()
     for ready, limit_s, what in waiting:
         if ready.is_set():
             continue
-        log.info("torch compile cache: first compile waits for %s", what)
+        log.info("torch compile cache: %s waits for %s", who, what)
         started = time.monotonic()
         arrived = ready.wait(limit_s)
         _held_s[ready] = time.monotonic() - started
@@ -101,3 +139,14 @@ def _gated(compile_fx: Any) -> Any:
 
     compile_fx_after_bundle.__bundler_gate__ = True  # type: ignore[attr-defined]
     return compile_fx_after_bundle
+
+
+def _gated_header_write(write: Any, codecache: Any) -> Any:
+    @functools.wraps(write)
+    def write_after_headers(*args: Any, **kwargs: Any) -> Any:
+        if _headers_pending and kwargs.get("specified_dir") == getattr(codecache, "_HEADER_DIR", None):
+            _wait(_headers_pending, "precompiled header build")
+        return write(*args, **kwargs)
+
+    write_after_headers.__bundler_gate__ = True  # type: ignore[attr-defined]
+    return write_after_headers

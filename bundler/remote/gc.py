@@ -66,6 +66,11 @@ class RefEntry:
     digest: str | None
     modified: dt.datetime | None
     fingerprint: str = ""  # sha256 of the raw document: "has it changed since the plan?"
+    also: tuple[str, ...] = ()  # bundles the ref needs besides its own (``extra.bundles``: torch headers)
+
+    @property
+    def digests(self) -> set[str]:
+        return ({self.digest} if self.digest else set()) | set(self.also)
 
     @property
     def prefix(self) -> str:
@@ -142,7 +147,7 @@ def plan(refs: Iterable[RefEntry], bundles: Iterable[BundleEntry], policy: Polic
                 doomed.setdefault(ref.name, f"not written for {_human(_age(now, ref.modified))}")
     delete_refs = tuple((r, doomed[r.name]) for r in refs if r.name in doomed)
     keep_refs = tuple(r for r in refs if r.name not in doomed)
-    named = {r.digest for r in keep_refs if r.digest}
+    named = {digest for r in keep_refs for digest in r.digests}
     delete_bundles: list[BundleEntry] = []
     keep_bundles: list[tuple[BundleEntry, str]] = []
     for bundle in bundles:
@@ -175,7 +180,7 @@ def _read_refs(store: Store) -> Iterable[RefEntry]:
             raw = store.read_bytes(info.key)
         except NotFoundError:
             continue  # deleted since the listing
-        yield RefEntry(name, raw_digest(raw), info.modified, hashlib.sha256(raw).hexdigest())
+        yield RefEntry(name, raw_digest(raw), info.modified, hashlib.sha256(raw).hexdigest(), raw_also(raw))
 
 
 def raw_digest(raw: bytes) -> str | None:
@@ -185,6 +190,21 @@ def raw_digest(raw: bytes) -> str | None:
         return layout.check_digest(doc["digest"]) if isinstance(doc, Mapping) else None
     except (ValueError, KeyError, TypeError, ConfigError):
         return None
+
+
+def raw_also(raw: bytes) -> tuple[str, ...]:
+    """The digests a ref document's ``extra.bundles`` names (each ``{"digest": ...}``), unverified.
+
+    A torch ref keeps its precompiled headers in a bundle of their own; deleting that bundle
+    would turn every warm start of the ref into a header build.
+    """
+    try:
+        doc = json.loads(raw)
+        bundles = doc["extra"]["bundles"]
+        found = [entry["digest"] for entry in bundles.values() if isinstance(entry, Mapping)]
+        return tuple(layout.check_digest(digest) for digest in found if isinstance(digest, str))
+    except (ValueError, KeyError, TypeError, AttributeError, ConfigError):
+        return ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +237,7 @@ def execute(store: Store, the_plan: Plan, *, clock=None) -> Outcome:  # noqa: AN
         log.info("gc: deleted ref %s", ref.name)
     deleted_bundles: list[str] = []
     if the_plan.delete_bundles:
-        named = {r.digest for r in _read_refs(store) if r.digest}
+        named = {digest for r in _read_refs(store) for digest in r.digests}
         for bundle in the_plan.delete_bundles:
             key = layout.bundle_key(bundle.digest)
             if bundle.digest in named:

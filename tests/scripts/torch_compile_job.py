@@ -10,7 +10,8 @@ Usage: python torch_compile_job.py [--bundle URL] [--tag TAG] [--strict] [--widt
 
 ``--hold-fetch`` makes the bundle download wait until the session's gate holds the first compile
 for it, so the compile provably starts before the bundle is in place: it hits only if the gate
-works.
+works. The precompiled-header bundle's download likewise waits until Inductor's header build is
+held for it: the job builds no header only if that second gate works.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main() -> int:
     if args.bundle is not None:
         from bundler.integrations import torch as bt
 
-        store, gate_held = _held_store(args.bundle) if args.hold_fetch else (None, None)
+        store, gate_held, header_held = _held_store(args.bundle) if args.hold_fetch else (None, None, None)
         with bt.CompileCache(args.bundle, ref=args.ref, tag=args.tag, strict=args.strict or None,
                              push=not args.no_push, store=store) as session:
             t1 = time.perf_counter()
@@ -96,7 +97,8 @@ def main() -> int:
         summary = session.summary_line()
         session_info = {"status": session.status, "ref": session.ref, "reason": session.reason,
                         "explanation": session.explanation, "facts": session.facts,
-                        "gate_held": gate_held.is_set() if gate_held is not None else None}
+                        "gate_held": gate_held.is_set() if gate_held is not None else None,
+                        "header_gate_held": header_held.is_set() if header_held is not None else None}
     else:
         value = step()
         first_call_s = time.perf_counter() - t0
@@ -124,30 +126,35 @@ def main() -> int:
 
 
 def _held_store(url: str):  # noqa: ANN202
-    """The real store, whose bundle reads start only once the gate holds a compile (or after 60 s)."""
+    """The real store, whose first bundle read starts only once the gate holds a compile, and the
+    second (the precompiled headers) once the header build is held (or each after 60 s)."""
     import logging
     import threading
 
     from bundler.stores import open_store
 
-    held = threading.Event()
+    held, header_held = threading.Event(), threading.Event()
 
     class _GateWatcher(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if "first compile waits for" in record.getMessage():
                 held.set()
+            if "precompiled header build waits for" in record.getMessage():
+                header_held.set()
 
     logging.getLogger("bundler.integrations.torch_gate").addHandler(_GateWatcher())
     store = open_store(url)
     real_open_read = store.open_read
+    reads = []
 
     def open_read(key: str, **kwargs):  # noqa: ANN202
         if "/bundles/" in key:
-            held.wait(60)
+            reads.append(key)
+            (held if len(reads) == 1 else header_held).wait(60)
         return real_open_read(key, **kwargs)
 
     store.open_read = open_read
-    return store, held
+    return store, held, header_held
 
 
 def _remote_stats() -> dict:
