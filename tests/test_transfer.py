@@ -86,6 +86,16 @@ def test_export_then_import_into_another_store(store, src, tmp_path, small_setti
     assert snapshot(tmp_path / "air-gapped") == snapshot(src)
 
 
+def test_export_of_a_ref_that_needs_another_bundle_says_which(store, src, tmp_path, small_settings, caplog):
+    """A torch ref keeps its precompiled headers in a second bundle: the offline file holds only
+    the ref's own, so the export names the other one and how to export it."""
+    headers = transfer.push(store, {"pch/h.gch": b"header"}, settings=small_settings)
+    transfer.push(store, src, ref="torch/x", settings=small_settings,
+                  ref_extra={"bundles": {"pch": {"digest": headers.digest, "size": headers.size, "files": 1}}})
+    transfer.export(store, io.BytesIO(), ref="torch/x", settings=small_settings)
+    assert f"bundler export --digest {headers.digest}" in caplog.text
+
+
 def test_import_of_a_corrupt_file_uploads_nothing(store, tmp_path, small_settings):
     data, _ = honest({"a": b"x" * 1000})
     bad = tmp_path / "bad.tar.zst"

@@ -428,9 +428,19 @@ def export(
     settings: Settings | None = None,
     progress: Progress = NULL_PROGRESS,
 ) -> Manifest:
-    """Save a bundle to ``out`` for an offline transfer, verifying it on the way."""
+    """Save a bundle to ``out`` for an offline transfer, verifying it on the way.
+
+    A ref that needs more bundles than its own (a torch ref's precompiled headers, named in its
+    ``extra.bundles``) gets one warning per bundle, with the command that exports it: the file
+    written here holds the ref's own bundle only.
+    """
     settings = settings or Settings.from_env()
     digest, found = _resolve(store, digest, ref, settings)
+    bundles = found.extra.get("bundles") if found is not None else None
+    for layer, entry in (bundles.items() if isinstance(bundles, Mapping) else ()):
+        if isinstance(entry, Mapping) and isinstance(entry.get("digest"), str):
+            log.warning("ref %s also needs bundle %s (%s); export it too: bundler export --digest %s",
+                        ref, entry["digest"], layer, entry["digest"])
     with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
         return _verify_copying(stream, out, settings, expected_digest=digest)
 
