@@ -415,6 +415,8 @@ def test_bake_then_warm_start_elsewhere_then_misses_that_say_why(
         main, pch = _member_names(store, found.digest), _member_names(store, headers["digest"])
     assert not any(name.startswith("pch/") for name in main), main
     assert any(name.endswith(".gch") for name in pch) and headers["files"] == len(pch) - 1, pch
+    #    ... pushed while the job still ran (after the first compile built it), not at its end
+    assert f"pushed the precompiled headers ({headers['digest'][:12]}" in cold["stderr"], cold["stderr"][-3000:]
 
     # 2. a fresh process, empty caches at another path, strict: compiles and builds nothing
     warm = _job(url, tmp_path / "consumer", "--strict")

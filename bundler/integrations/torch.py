@@ -441,6 +441,11 @@ class CompileCache:
         self._headers_gated = False  # only Inductor's header build waits for it (else the first compile does)
         self._headers: dict[str, Any] | None = None  # the installed ref's header bundle: digest, size, files
         self._headers_installed: list[str] = []
+        # Headers pushed while the job went on (after a compile that built them): the entry the
+        # ref will name and the folder's state it was packed from, and the thread doing it.
+        self._early_headers: tuple[dict[str, Any], dict[str, tuple[int, int]]] | None = None
+        self._early_thread: threading.Thread | None = None
+        self._after_compile = self._push_headers_early  # one bound method, so the gate can forget it
         self._status = "off"
         self._ref: str | None = None
         self._facts: dict[str, str] = {}
@@ -503,6 +508,10 @@ class CompileCache:
             self._fx_details = torch_missdiff.DetailsRecorder().start()  # why an FX graph missed
         self._counters_before = _work_counters()
         self._compile_s_before = _inductor_compile_s()
+        if self.settings.remote and self._push and self.dirs.pch is not None:
+            from bundler.integrations import torch_gate
+
+            torch_gate.after_next_compile(self._after_compile)
         if not self._background:
             self._prepare()
             self._pull_headers()
@@ -699,9 +708,10 @@ class CompileCache:
             self._lookups.stop()
         if self._fx_details is not None:
             self._fx_details.stop()
-        if self._worker is not None:
-            from bundler.integrations import torch_gate
+        from bundler.integrations import torch_gate
 
+        torch_gate.forget_callback(self._after_compile)
+        if self._worker is not None:
             self._held_s = torch_gate.held_s(self._done)
             self._headers_held_s = torch_gate.held_s(self._headers_done)
             torch_gate.release(self._done)
@@ -715,6 +725,8 @@ class CompileCache:
                 return
         if self.dirs is None:
             return
+        if self._early_thread is not None:
+            self._early_thread.join(self._wait_limit_s())
         work = self._work_done()
         added = self._added_files()
         if not failed and self.settings is not None and self.settings.remote and self._push:
@@ -790,17 +802,66 @@ class CompileCache:
 
     def _header_entry(self, headers: Mapping[str, str], added: Mapping[str, list[str]],
                       producer: Mapping[str, str]) -> dict[str, Any]:
-        """The header bundle the ref names: the installed one when this session left the header
-        folder as pulled (no re-pack of ~150 MB), else a new one pushed before the ref (so a ref
-        never names a bundle that is not there yet)."""
+        """The header bundle the ref names, pushed before the ref (so a ref never names a bundle
+        that is not there yet). Reused without packing ~150 MB again where possible: the installed
+        one when this session left the header folder as pulled, or the one pushed while the job
+        ran (:meth:`_push_headers_early`) when the folder is as it was packed."""
         if self._headers is not None and not added.get(PCH) and sorted(headers) == sorted(self._headers_installed):
             return dict(self._headers)
+        if self._early_headers is not None and self._early_headers[1] == self._header_files():
+            self.pushed_bytes += int(self._early_headers[0]["size"])
+            return dict(self._early_headers[0])
+        entry = self._push_header_bundle(headers, producer)
+        self.pushed_bytes += int(entry["size"])
+        return entry
+
+    def _push_header_bundle(self, headers: Mapping[str, str], producer: Mapping[str, str]) -> dict[str, Any]:
         from bundler.remote import transfer
 
         settings = self.settings.replace(zstd_level=_HEADER_BUNDLE_LEVEL, long_window_log=0)  # type: ignore[union-attr]
         result = transfer.push(self._open_store(), dict(headers), producer=producer, settings=settings)
-        self.pushed_bytes += result.size
         return {"digest": result.digest, "size": result.size, "files": len(result.manifest.files)}
+
+    def _header_files(self) -> dict[str, tuple[int, int]]:
+        """The header folder's files (member name -> size, mtime), as a snapshot compares them."""
+        assert self.dirs is not None and self.dirs.pch is not None
+        return _scan({PCH: self.dirs.pch})[PCH]
+
+    def _push_headers_early(self) -> None:
+        """After a compile, on the job's thread: start pushing the precompiled headers it built.
+
+        The header is nearly all of a CPU bundle's bytes and is final once built; packing it while
+        the job trains takes it off the end of the session, where a cold job would wait for it.
+        Only after a miss (a hit brought its headers), and once: ``end`` packs anything later.
+        """
+        if not self._done.is_set() or self._status == "hit" or self._early_thread is not None:
+            return
+        if not self._header_files():  # this graph built no header: look again after the next one
+            from bundler.integrations import torch_gate
+
+            torch_gate.after_next_compile(self._after_compile)
+            return
+        self._early_thread = threading.Thread(target=self._push_headers_in_background, name="bundler-torch-headers",
+                                              daemon=True)
+        self._early_thread.start()
+
+    def _push_headers_in_background(self) -> None:
+        from bundler import keys
+        from bundler.remote import health
+
+        assert self.dirs is not None and self.settings is not None
+        try:
+            before = self._header_files()
+            headers = {name: path for name, path in _capture({PCH: self.dirs.pch}).items()}  # type: ignore[dict-item]
+            producer = {**keys.producer_facts(), **self.facts}
+            entry = health.guarded(self.settings, "write", "precompiled headers", functools.partial(
+                self._push_header_bundle, headers, producer), wait=False)
+            if entry is not None and self._header_files() == before:
+                self._early_headers = (entry, before)
+                log.info("torch compile cache: pushed the precompiled headers (%s, %d bytes) while the job runs",
+                         entry["digest"][:12], entry["size"])
+        except Exception as exc:  # noqa: BLE001 - end() packs the headers itself
+            log.debug("early push of the precompiled headers failed: %s", exc)
 
     def _check_strict(self, work: dict[str, int], added: dict[str, list[str]]) -> None:
         problems = [f"{name}={count}" for name, count in sorted(work.items())]

@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ _pending: list[tuple[threading.Event, float, str]] = []
 _headers_pending: list[tuple[threading.Event, float, str]] = []
 #: Seconds a compile was held for each ready event (read by the session's summary).
 _held_s: dict[threading.Event, float] = {}
+#: Called once each, on the job's thread, when the next compile returns (they must be quick).
+_after_compile: list[Callable[[], None]] = []
 
 
 def _forget_in_child() -> None:
@@ -52,6 +55,7 @@ def _forget_in_child() -> None:
     _pending.clear()
     _headers_pending.clear()
     _held_s.clear()
+    _after_compile.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
@@ -83,6 +87,22 @@ def hold_headers_until(ready: threading.Event, limit_s: float, what: str) -> boo
             codecache.write = _gated_header_write(current, codecache)
         _headers_pending.append((ready, limit_s, what))
     return True
+
+
+def after_next_compile(callback: Callable[[], None]) -> None:
+    """Call ``callback`` (once, on the job's thread) when Inductor's next compile returns.
+
+    The torch session uses it to start pushing the precompiled headers while the job goes on:
+    the header exists once the first graph with C++ code compiled.
+    """
+    _install()
+    with _lock:
+        _after_compile.append(callback)
+
+
+def forget_callback(callback: Callable[[], None]) -> None:
+    with _lock:
+        _after_compile[:] = [item for item in _after_compile if item is not callback]
 
 
 def release(ready: threading.Event) -> None:
@@ -135,10 +155,24 @@ def _gated(compile_fx: Any) -> Any:
     def compile_fx_after_bundle(*args: Any, **kwargs: Any) -> Any:
         if _pending:
             wait_pending()
-        return compile_fx(*args, **kwargs)
+        compiled = compile_fx(*args, **kwargs)
+        if _after_compile:
+            _run_after_compile()
+        return compiled
 
     compile_fx_after_bundle.__bundler_gate__ = True  # type: ignore[attr-defined]
     return compile_fx_after_bundle
+
+
+def _run_after_compile() -> None:
+    with _lock:
+        callbacks = list(_after_compile)
+        _after_compile.clear()
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception as exc:  # noqa: BLE001 - the cache is never a reason to fail a compile
+            log.warning("torch compile cache: %s after a compile failed: %s", getattr(callback, "__name__", callback), exc)
 
 
 def _gated_header_write(write: Any, codecache: Any) -> Any:
