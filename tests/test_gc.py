@@ -174,12 +174,16 @@ def test_a_bundle_a_ref_needs_besides_its_own_is_kept(local_store_url):
         main = transfer.push(store, {"inductor/x": b"x"}, ref="torch/abc", settings=Settings(),
                              ref_extra={"bundles": {"pch": {"digest": headers, "size": 1, "files": 1}}}).digest
         stray = transfer.push(store, {"pch/old.gch": b"old"}, settings=Settings()).digest
+        # an offline import writes the ref from the manifest: the link is a producer fact there
+        imported_headers = transfer.push(store, {"pch/i.gch": b"imported"}, settings=Settings()).digest
+        imported = transfer.push(store, {"inductor/y": b"y"}, ref="torch/imported", settings=Settings(),
+                                 producer={"bundle.pch": imported_headers}).digest
         later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
         refs, bundles = gc.gather(store)
         plan = gc.plan(refs, bundles, gc.Policy(grace=0), later)
         assert [b.digest for b in plan.delete_bundles] == [stray]
         gc.execute(store, plan, clock=lambda: later)
-        assert stored_bundles(store) == {headers, main}
+        assert stored_bundles(store) == {headers, main, imported_headers, imported}
 
 
 def test_concurrent_pushes_during_gc_lose_nothing(tmp_path):

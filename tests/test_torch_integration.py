@@ -260,6 +260,53 @@ def test_a_missing_header_bundle_still_hits(
     assert not list(isolated_inductor.parent.rglob("c1.h.gch"))
 
 
+def test_an_offline_copy_of_a_torch_ref_hits_with_its_headers_at_another_path(
+    isolated_inductor: Path, local_store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Air-gapped: `bundler export` of the ref and of its header bundle, `bundler import` of both
+    into another store. The imported ref has no ``extra``, so the producer's directories and the
+    header bundle must come from the manifest's own facts: the hit relocates and brings the header."""
+    from bundler.remote.refs import read_ref
+
+    producer_pch = bt.cache_dirs().pch
+    session = bt.CompileCache(local_store_url, background=False).begin()
+    assert session.status == "miss"
+    entry = isolated_inductor / "fxgraph" / "ab" / "fkey" / "entry"
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(pickle.dumps({"kernel": str(isolated_inductor / "xy" / "k.py")}, protocol=4))
+    producer_pch.mkdir(parents=True)
+    (producer_pch / "c1.h.gch").write_bytes(b"precompiled")
+    session.end()
+    assert "pushed" in session.summary_line(), session.summary_line()
+
+    offline = {}
+    with open_store(local_store_url) as store:
+        found = read_ref(store, session.ref, Settings())
+        for name, kwargs in (("main", {"ref": session.ref}), ("pch", {"digest": found.producer["bundle.pch"]})):
+            with open(tmp_path / f"{name}.tar.zst", "wb") as out:
+                transfer.export(store, out, **kwargs)
+            offline[name] = tmp_path / f"{name}.tar.zst"
+    assert "also needs bundle" in caplog.text
+    mirror_url = (tmp_path / "mirror").as_uri()
+    with open_store(mirror_url) as mirror:
+        transfer.import_file(mirror, str(offline["main"]), ref=session.ref)
+        transfer.import_file(mirror, str(offline["pch"]))
+
+    consumer = tmp_path / "consumer"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(consumer / "inductor"))
+    monkeypatch.setattr(tempfile, "tempdir", str(consumer / "tmp"))
+    (consumer / "tmp").mkdir(parents=True)
+    warm = bt.CompileCache(mirror_url, background=False, push=False).begin()
+    assert warm.status == "hit", warm.reason
+    pch = warm.dirs.pch
+    assert pch is not None and pch != producer_pch
+    assert (pch / "c1.h.gch").read_bytes() == b"precompiled"
+    moved = pickle.loads((consumer / "inductor" / "fxgraph" / "ab" / "fkey" / "entry").read_bytes())
+    assert moved == {"kernel": str(consumer / "inductor" / "xy" / "k.py")}
+    warm.end()
+
+
 def test_a_dead_store_costs_a_warning_not_the_job(isolated_inductor: Path, aws_env: None,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings(connect_timeout=0.5, read_timeout=0.5, max_attempts=1)

@@ -106,6 +106,10 @@ _EXPLAIN_MAX_REFS = 50
 #: The header bundle is one compiled binary with no far repeats: level 1 without long-distance
 #: matching costs ~4% more bytes than the default and about half the CPU on a 154 MB ``.gch``.
 _HEADER_BUNDLE_LEVEL = 1
+#: Producer facts that travel in the manifest itself (kept by an offline import, unlike ``extra``):
+#: the producer's directory per layer, and the header bundle's digest (``bundle.pch``).
+_DIR_FACT = "dir."
+LINKED_FACT = "bundle."  # the same as bundler.remote.refs.LINKED_FACT, without importing the store layer here
 
 
 class IncompleteWarmStart(BundlerError):
@@ -638,7 +642,7 @@ class CompileCache:
 
         assert self.dirs is not None
         layers = self.dirs.layers()
-        producer_dirs = dict(found.extra.get("dirs", {})) if isinstance(found.extra.get("dirs"), dict) else {}
+        producer_dirs = _producer_dirs(found)
         missing = [name for name in producer_dirs if name not in layers]
         for name in missing:  # the producer had TRITON_CACHE_DIR set, we do not: Inductor's device-0 dir
             if name == TRITON:
@@ -653,7 +657,7 @@ class CompileCache:
         moved = relocate_entries(layers[INDUCTOR], members, rewriter.moves)
         if moved:
             log.info("torch compile cache: pointed %d cache entries at this node's directories", moved)
-        self._headers = _header_bundle(found.extra)
+        self._headers = _header_bundle(found)
         self._status = "hit"
         self._pulled_bytes = found.size
         self._pulled_files = len(result.manifest.files)
@@ -780,6 +784,10 @@ class CompileCache:
             return
         producer = {**keys.producer_facts(), **self.facts}
         header_entry = self._header_entry(headers, added, producer) if headers else None
+        # Also in the manifest, for refs that an offline `bundler import` writes (no extra there).
+        producer.update({f"{_DIR_FACT}{name}": str(path) for name, path in self.dirs.layers().items()})
+        if header_entry is not None:
+            producer[f"{LINKED_FACT}{PCH}"] = header_entry["digest"]
         extra = {
             "dirs": {name: str(path) for name, path in self.dirs.layers().items()},
             "inductor_compile_s": round(_inductor_compile_s() - self._compile_s_before, 3),
@@ -1026,23 +1034,29 @@ def _nearest(store: Any, prefix: str, facts: Mapping[str, str], settings: Settin
     return f"nearest bundle {name} differs: " + "; ".join(differing)
 
 
-def _header_bundle(extra: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The ref's precompiled-header bundle (``extra["bundles"]["pch"]``), checked; None if absent."""
-    from bundler.remote import layout
+def _header_bundle(found: Any) -> dict[str, Any] | None:
+    """The ref's precompiled-header bundle (``extra.bundles.pch``, or the manifest's
+    ``bundle.pch`` fact in an imported ref), checked; None if it names none."""
+    from bundler.remote.refs import linked_bundles
 
-    bundles = extra.get("bundles")
+    digest = linked_bundles(found.extra, found.producer).get(PCH)
+    if digest is None:
+        return None
+    bundles = found.extra.get("bundles")
     entry = bundles.get(PCH) if isinstance(bundles, Mapping) else None
-    if not isinstance(entry, Mapping) or not isinstance(entry.get("digest"), str):
-        return None
-    try:
-        layout.check_digest(entry["digest"])
-    except BundlerError:
-        log.warning("torch compile cache: the ref names a header bundle with a malformed digest; ignoring it")
-        return None
-    size = entry.get("size")
-    files = entry.get("files")
-    return {"digest": entry["digest"], "size": size if isinstance(size, int) else 0,
-            "files": files if isinstance(files, int) else 0}
+    entry = entry if isinstance(entry, Mapping) and entry.get("digest") == digest else {}
+    size, files = entry.get("size"), entry.get("files")
+    return {"digest": digest, "size": size if isinstance(size, int) else 0, "files": files if isinstance(files, int) else 0}
+
+
+def _producer_dirs(found: Any) -> dict[str, str]:
+    """The producer's directory per layer: from the ref's ``extra.dirs``, or from the manifest's
+    ``dir.<layer>`` facts (a ref that an offline ``bundler import`` wrote has no ``extra``)."""
+    dirs = found.extra.get("dirs")
+    if isinstance(dirs, Mapping):
+        return {str(name): str(path) for name, path in dirs.items()}
+    return {key[len(_DIR_FACT):]: value for key, value in found.producer.items()
+            if key.startswith(_DIR_FACT) and isinstance(value, str)}
 
 
 def _remade_files(added: Mapping[str, list[str]]) -> list[str]:

@@ -39,6 +39,7 @@ from typing import Any
 
 from bundler.errors import ConfigError, NotFoundError
 from bundler.remote import layout
+from bundler.remote.refs import linked_bundles
 from bundler.stores.base import Store
 
 log = logging.getLogger(__name__)
@@ -193,18 +194,18 @@ def raw_digest(raw: bytes) -> str | None:
 
 
 def raw_also(raw: bytes) -> tuple[str, ...]:
-    """The digests a ref document's ``extra.bundles`` names (each ``{"digest": ...}``), unverified.
+    """The digests of the other bundles a ref document needs (:func:`refs.linked_bundles`), unverified.
 
     A torch ref keeps its precompiled headers in a bundle of their own; deleting that bundle
     would turn every warm start of the ref into a header build.
     """
     try:
         doc = json.loads(raw)
-        bundles = doc["extra"]["bundles"]
-        found = [entry["digest"] for entry in bundles.values() if isinstance(entry, Mapping)]
-        return tuple(layout.check_digest(digest) for digest in found if isinstance(digest, str))
-    except (ValueError, KeyError, TypeError, AttributeError, ConfigError):
+    except ValueError:
         return ()
+    if not isinstance(doc, Mapping):
+        return ()
+    return tuple(sorted(set(linked_bundles(doc.get("extra"), doc.get("producer")).values())))
 
 
 @dataclasses.dataclass(frozen=True)

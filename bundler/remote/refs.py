@@ -39,6 +39,36 @@ log = logging.getLogger(__name__)
 
 #: The signed document kind of a ref (see ``bundler.remote.signing``).
 KIND = "ref"
+#: Producer facts ``bundle.<layer>`` name other bundles the ref's bundle needs (see linked_bundles).
+LINKED_FACT = "bundle."
+
+
+def linked_bundles(extra: Any, producer: Any) -> dict[str, str]:
+    """Bundles a ref needs besides its own, by layer: ``{"pch": digest}`` for a torch ref, whose
+    precompiled headers travel as a bundle of their own.
+
+    Named twice: in the ref's ``extra.bundles`` (``{layer: {"digest", "size", "files"}}``), and
+    as producer facts ``bundle.<layer>`` inside the bundle's own manifest, which an offline
+    ``bundler import`` carries into the ref it writes (it has no ``extra`` to copy). Malformed
+    entries are left out, unverified digests are only ever used as object names.
+    """
+    found: dict[str, str] = {}
+    if isinstance(producer, Mapping):
+        for key, value in producer.items():
+            if isinstance(key, str) and key.startswith(LINKED_FACT) and isinstance(value, str):
+                found[key[len(LINKED_FACT):]] = value
+    bundles = extra.get("bundles") if isinstance(extra, Mapping) else None
+    if isinstance(bundles, Mapping):
+        for layer, entry in bundles.items():
+            if isinstance(layer, str) and isinstance(entry, Mapping) and isinstance(entry.get("digest"), str):
+                found[layer] = entry["digest"]
+    out = {}
+    for layer, digest in found.items():
+        try:
+            out[layer] = layout.check_digest(digest)
+        except ConfigError:
+            log.warning("a ref names a %s bundle with a malformed digest %r; ignoring it", layer, digest[:80])
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -436,11 +436,10 @@ def export(
     """
     settings = settings or Settings.from_env()
     digest, found = _resolve(store, digest, ref, settings)
-    bundles = found.extra.get("bundles") if found is not None else None
-    for layer, entry in (bundles.items() if isinstance(bundles, Mapping) else ()):
-        if isinstance(entry, Mapping) and isinstance(entry.get("digest"), str):
-            log.warning("ref %s also needs bundle %s (%s); export it too: bundler export --digest %s",
-                        ref, entry["digest"], layer, entry["digest"])
+    linked = refs.linked_bundles(found.extra, found.producer) if found is not None else {}
+    for layer, other in sorted(linked.items()):
+        log.warning("ref %s also needs bundle %s (%s); export it too (bundler export --digest %s) and import "
+                    "it without a ref", ref, other, layer, other)
     with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
         return _verify_copying(stream, out, settings, expected_digest=digest)
 
