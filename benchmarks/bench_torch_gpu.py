@@ -73,7 +73,15 @@ def job(args: argparse.Namespace) -> dict:
     if args.store:
         from bundler.integrations import torch as bt
 
-        with bt.compile_cache(args.store, ref="gpu-bench", strict=None) as session:
+        session = bt.compile_cache(args.store, ref="gpu-bench", strict=None)
+        if args.profile_begin:  # where the session's synchronous begin goes, in this phase's stderr
+            import cProfile
+            import pstats
+
+            profile = cProfile.Profile()
+            profile.runcall(session.begin)
+            pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(60)
+        with session:
             begin_s = time.perf_counter() - t0
             value = step()
             t_step = time.perf_counter()
@@ -165,7 +173,7 @@ def run_phase(phase: str, root: Path, store: str | None, args: argparse.Namespac
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                BUNDLER_CACHE_DIR=str(root / "bundler"), BUNDLER_PULL_BUDGET="120")
     cmd = [sys.executable, __file__, "--phase", phase, "--blocks", str(args.blocks), "--dim", str(args.dim),
-           "--model", args.model]
+           "--model", args.model] + (["--profile-begin"] if args.profile_begin else [])
     if store:
         cmd += ["--store", store]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -210,6 +218,8 @@ def main() -> None:
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help="also write every phase's report to this file")
+    parser.add_argument("--profile-begin", action="store_true",
+                        help="cProfile the session's begin in every phase with a store (into its stderr)")
     args = parser.parse_args()
     if args.phase:
         print("PHASE-REPORT " + json.dumps(job(args), default=str), flush=True)
