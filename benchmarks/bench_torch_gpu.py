@@ -87,6 +87,7 @@ def job(args: argparse.Namespace) -> dict:
             t_step = time.perf_counter()
         end_s = time.perf_counter() - t_step
         summary, status = session.summary_line(), session.status
+        print(f"session fetch timings: {session.timings}", file=sys.stderr, flush=True)
         added = {layer: names[:12] + ([f"... {len(names)} in all"] if len(names) > 12 else [])
                  for layer, names in session._added_files().items() if names}
         first_result_s = t_step - t0
@@ -186,6 +187,8 @@ def run_phase(phase: str, root: Path, store: str | None, args: argparse.Namespac
         raise SystemExit(f"{phase} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     report = json.loads(reports[-1][len("PHASE-REPORT "):])
     report["bundler_log"] = [line for line in proc.stderr.splitlines() if "bundler" in line][-6:]
+    report["fetch_timings"] = next((line for line in proc.stderr.splitlines()
+                                    if line.startswith("session fetch timings")), None)
     return report
 
 
@@ -258,6 +261,8 @@ def main() -> None:
                       f"fx {r['fx_hit']}h/{r['fx_miss']}m aot {r['aot_hit']}h/{r['aot_miss']}m "
                       f"re-tuned kernels {len(r['retuned'])} coordesc_tuning_bench "
                       f"{r['autotune'].get('coordesc_tuning_bench', 0)} status {r['status']}", flush=True)
+                if r.get("fetch_timings"):
+                    print(f"    {r['fetch_timings']}", flush=True)
         print(f"  bundle summary: {rows['warm-from-bundle'][-1]['summary']}", flush=True)
         shutil.rmtree(base / f"r{n}-a.away", ignore_errors=True)
     print("\n| phase | first result, s (median; all runs) | FX misses | AOT misses | kernels re-tuned | "

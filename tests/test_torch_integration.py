@@ -243,6 +243,7 @@ def test_the_header_bundle_lands_after_the_first_compile_but_before_a_header_bui
         session.end()
     assert "header build held" in session.summary_line()
     assert session.pulled_files == 3
+    assert {"facts", "ref", "pull", "relocate", "snapshot", "headers"} <= set(session.timings)
 
 
 def test_a_missing_header_bundle_still_hits(

@@ -475,6 +475,9 @@ class CompileCache:
         self._fx_details: Any = None  # torch_missdiff.DetailsRecorder: components of the FX keys computed here
         self._bundle_fx: Any = None  # torch_missdiff.Bundled: those of the installed bundle's graphs
         self._fx_miss_phrase = ""
+        #: Seconds per step of the fetch (facts, ref, pull, relocate, snapshot, headers): where a
+        #: first compile's wait goes. Filled by the fetch thread; complete once it is done.
+        self.timings: dict[str, float] = {}
 
     # -- begin ---------------------------------------------------------------------------------
 
@@ -578,7 +581,8 @@ class CompileCache:
         folders that :meth:`end` compares with. Reads and writes only the private fields behind the
         outcome attributes: those wait for this very work."""
         try:
-            self._facts = environment_facts(self._tag if self._tag is not None else self.settings.tag)
+            with self._timed("facts"):
+                self._facts = environment_facts(self._tag if self._tag is not None else self.settings.tag)
             self._ref = ref_name(self._facts, self._prefix)
         except Exception as exc:  # noqa: BLE001 - facts from private torch APIs; never fail the job
             log.warning("torch compile cache off: could not read the environment (%s: %s)", type(exc).__name__, exc)
@@ -588,7 +592,8 @@ class CompileCache:
             self._fetch()
         else:
             self._reason = "no remote configured (BUNDLER_REMOTE)"
-        self._before = self._snapshot()
+        with self._timed("snapshot"):
+            self._before = self._snapshot()
 
     def _resolve_settings(self) -> None:
         if self.settings is None:
@@ -622,7 +627,8 @@ class CompileCache:
 
         store = self._open_store()
         try:
-            found = read_ref(store, self._ref, self.settings)
+            with self._timed("ref"):
+                found = read_ref(store, self._ref, self.settings)
         except NotFoundError:
             self._status, self._reason = "miss", ""
             self._explanation = self._explain_miss(store)
@@ -648,13 +654,15 @@ class CompileCache:
             if name == TRITON:
                 layers[name] = self.dirs.inductor / "triton" / "0"
         rewriter = UnpackRewriter(producer_dirs, {name: str(path) for name, path in layers.items()})
-        result = transfer.pull(store, layers, digest=found.digest, settings=self.settings, rewrite=rewriter)
+        with self._timed("pull"):
+            result = transfer.pull(store, layers, digest=found.digest, settings=self.settings, rewrite=rewriter)
         members = [record.path for record in result.manifest.files]
         self._installed_members = members
         from bundler.integrations import torch_missdiff
 
         self._bundle_fx = torch_missdiff.read_details(found.extra.get("fx_key_details"))
-        moved = relocate_entries(layers[INDUCTOR], members, rewriter.moves)
+        with self._timed("relocate"):
+            moved = relocate_entries(layers[INDUCTOR], members, rewriter.moves)
         if moved:
             log.info("torch compile cache: pointed %d cache entries at this node's directories", moved)
         self._headers = _header_bundle(found)
@@ -665,6 +673,15 @@ class CompileCache:
         self._producer_compile_s = float(compile_s) if isinstance(compile_s, int | float) else None
         log.info("torch compile cache hit: %s (%d files, %d bytes)", found.name, self._pulled_files, found.size)
 
+    @contextlib.contextmanager
+    def _timed(self, step: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[step] = round(time.monotonic() - started, 3)
+            log.debug("torch compile cache: %s took %.3f s", step, self.timings[step])
+
     def _pull_headers(self) -> None:
         """The installed ref's precompiled-header bundle, into the header folder; then the snapshot
         of that folder counts the pulled files as the session's starting point (not as builds)."""
@@ -673,7 +690,8 @@ class CompileCache:
             return
         from bundler.remote import health
 
-        health.guarded(self.settings, "read", entry["digest"], functools.partial(self._pull_headers_request, entry))
+        with self._timed("headers"):
+            health.guarded(self.settings, "read", entry["digest"], functools.partial(self._pull_headers_request, entry))
         if not self._headers_installed:
             log.warning("torch compile cache: precompiled headers %s not installed; Inductor builds them",
                         entry["digest"][:12])
