@@ -8,6 +8,12 @@ median and spread of wall time and of process CPU time (less sensitive to other 
     python benchmarks/ab_archive.py --a /tmp/a --b . [--repeat 9] [--corpus max-autotune]
 
 ``--a`` / ``--b`` are folders holding a ``bundler`` package. The bundle is packed once by copy b.
+
+``cmd-unpack`` and ``cmd-pack`` (``--ops unpack,verify,pack,cmd-unpack,cmd-pack``) time whole
+``bundler`` commands instead, interpreter start and imports included, as the console script runs
+them; CPU is the child's from ``wait4``. Each copy is byte-compiled first (``__pycache__`` next
+to its sources, as an installed package has; ``PYTHONDONTWRITEBYTECODE`` would otherwise make
+every command compile it from source).
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,6 +55,32 @@ print(json.dumps([time.perf_counter() - t, time.process_time() - c]))
 """
 
 
+# A whole command, as the console script runs it (``from bundler.cli import run; run()``).
+COMMAND = "import sys; sys.argv[0] = 'bundler'; from bundler.cli import run; run()"
+
+
+def command(tree: str, op: str, src: Path, bundle: Path, dest: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one whole ``bundler`` command run by copy ``tree``."""
+    if op == "cmd-unpack":
+        shutil.rmtree(dest, ignore_errors=True)
+        args = ["unpack", str(bundle), "--into", str(dest)]
+    else:
+        args = ["pack", str(src), "-o", str(dest.with_name("cmd-pack.tar.zst"))]
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", COMMAND, *args], env=env, cwd="/", stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"bundler {op[4:]} from {tree} failed ({status})")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def byte_compile(tree: str) -> None:
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tree, "bundler")], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
 def run(tree: str, op: str, src: Path, bundle: Path, dest: Path) -> tuple[float, float]:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
     out = subprocess.run(
@@ -73,6 +107,9 @@ def main() -> None:
     )
     parser.add_argument("--ops", default="unpack,verify,pack")
     args = parser.parse_args()
+    unknown = set(args.ops.split(",")) - {"unpack", "verify", "pack", "cmd-unpack", "cmd-pack"}
+    if unknown:
+        parser.error(f"unknown --ops {sorted(unknown)}")
     src = scratch("src")
     if args.corpus == "max-autotune":
         make_max_autotune_corpus(src)
@@ -99,12 +136,18 @@ def main() -> None:
     )
     print("| operation | a wall: median (spread) | b wall | a CPU | b CPU | b/a wall | b/a CPU |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    if any(op.startswith("cmd-") for op in args.ops.split(",")):
+        for side in ("a", "b"):
+            byte_compile(getattr(args, side))
     try:
         for op in args.ops.split(","):
             got: dict[str, list[tuple[float, float]]] = {"a": [], "b": []}
             for r in range(args.repeat):
                 for side in ("a", "b") if r % 2 == 0 else ("b", "a"):
-                    got[side].append(run(getattr(args, side), op, src, bundle, dest))
+                    if op.startswith("cmd-"):
+                        got[side].append(command(getattr(args, side), op, src, bundle, dest))
+                    else:
+                        got[side].append(run(getattr(args, side), op, src, bundle, dest))
 
             def cell(side: str, k: int, got: dict[str, list[tuple[float, float]]] = got) -> str:
                 values = [x[k] for x in got[side]]

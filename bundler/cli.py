@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -828,6 +829,12 @@ def _within_timeout(args: argparse.Namespace) -> int:
     return outcome["code"]  # type: ignore[return-value]
 
 
+#: Verbs that only read and write local files. They run without the cyclic garbage collector: they
+#: make no cycles worth collecting, and its passes over a 1,600-file manifest's objects cost
+#: ~10 ms of an unpack. It is back on when they return.
+_LOCAL_VERBS = frozenset({"pack", "unpack", "verify", "inspect"})
+
+
 def _configure_logging(verbose: int, quiet: bool) -> None:
     """-q / -v / -vv; without them ``BUNDLER_LOG`` (as in jobs), else warnings only."""
     from bundler import logs
@@ -864,6 +871,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
+    pause_gc = args.command in _LOCAL_VERBS and gc.isenabled()
+    if pause_gc:
+        gc.disable()
     try:
         return _within_timeout(args)
     except BundlerError as exc:
@@ -881,6 +891,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bundler: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if pause_gc:
+            gc.enable()
 
 
 def _with_next_step(exc: BundlerError) -> str:

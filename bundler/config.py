@@ -8,12 +8,12 @@ an error that names the variable. Code elsewhere takes a :class:`Settings` argum
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from bundler.errors import ConfigError
 
@@ -68,7 +68,6 @@ def _default_triton_cache_dir() -> Path:
     return Path(home) / ".triton" / "cache"
 
 
-@dataclasses.dataclass(frozen=True)
 class Settings:
     """All knobs, with the environment variable that sets each one.
 
@@ -167,13 +166,13 @@ class Settings:
     max_members: int = 1_000_000
     max_manifest_bytes: int = 32 << 20
     max_ratio: int = 1000
-    signing_key: str | None = dataclasses.field(default=None, repr=False)
+    signing_key: str | None = None  # left out of repr(): a secret
     signing_key_file: Path | None = None
     trusted_keys: tuple[str, ...] = ()
     ref_max_age: float | None = None
 
-    cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
-    triton_cache_dir: Path = dataclasses.field(default_factory=_default_triton_cache_dir)
+    cache_dir: Path = None  # type: ignore[assignment]  # None: _default_cache_dir(), computed per instance
+    triton_cache_dir: Path = None  # type: ignore[assignment]  # None: _default_triton_cache_dir()
     tag: str = ""
     local_cache: bool = True
     remote_autotune: bool = True
@@ -185,10 +184,22 @@ class Settings:
     torch_backports: bool = True
     log: str | None = None
 
-    def __post_init__(self) -> None:
-        # Callers pass plain strings too; the rest of the code joins paths with ``/``.
-        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
-        object.__setattr__(self, "triton_cache_dir", Path(self.triton_cache_dir))
+    def __init__(self, **values: Any) -> None:
+        """Keyword arguments only, one per field above; a field left out takes its default."""
+        unknown = values.keys() - _ENV_NAMES.keys()
+        if unknown:
+            raise TypeError(f"Settings() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        cls = type(self)
+        for name in _ENV_NAMES:
+            object.__setattr__(self, name, values[name] if name in values else getattr(cls, name, None))
+        # ``None`` only stands for the computed default; callers pass plain strings too, and the
+        # rest of the code joins paths with ``/``.
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir if self.cache_dir is not None else _default_cache_dir()))
+        object.__setattr__(self, "triton_cache_dir", Path(
+            self.triton_cache_dir if self.triton_cache_dir is not None else _default_triton_cache_dir()))
+        self._check()
+
+    def _check(self) -> None:
         if isinstance(self.trusted_keys, str):  # one key passed as a plain string, as the variable reads
             object.__setattr__(self, "trusted_keys", _nonempty_list("BUNDLER_TRUSTED_KEYS", self.trusted_keys))
         _check_signing(self)
@@ -234,12 +245,11 @@ class Settings:
         """Build settings from ``env`` (default ``os.environ``); keyword overrides win."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        for field in dataclasses.fields(cls):
-            var = _ENV_NAMES[field.name]
+        for name, var in _ENV_NAMES.items():
             raw = env.get(var)
             if raw is None:
                 continue
-            values[field.name] = _PARSERS[field.name](var, raw)
+            values[name] = _PARSERS[name](var, raw)
         values.update(overrides)
         if "local_cache" in values:
             # Bundles need the local cache, so BUNDLER_LOCAL_CACHE=0 alone turns them off too
@@ -248,12 +258,46 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
     def replace(self, **changes: object) -> Settings:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        """A copy with ``changes`` (``dataclasses.replace``), checked like any new Settings."""
+        return type(self)(**{**self._values(), **changes})  # type: ignore[arg-type]
+
+    # What ``dataclass(frozen=True)`` would generate, from the fields in ``_ENV_NAMES`` (every field
+    # has a variable). Settings does without the dataclass because importing dataclasses (inspect,
+    # ast, dis) and generating the class cost ~30 ms of CPU, a tenth of a ``bundler unpack``:
+    # every command builds Settings.
+
+    def _values(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in _ENV_NAMES}
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return tuple(self._values().values()) == tuple(other._values().values())  # type: ignore[attr-defined]
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._values().values()))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._values().items() if k != "signing_key")
+        return f"{type(self).__qualname__}({shown})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise _frozen(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise _frozen(f"cannot delete field {name!r}")
 
     @property
     def signing_configured(self) -> bool:
         """True when any signing setting is present: documents read must then be signed."""
         return bool(self.signing_key or self.signing_key_file or self.trusted_keys)
+
+
+def _frozen(message: str) -> Exception:
+    """The error a frozen dataclass raises (imported only on this misuse)."""
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError(message)
 
 
 def _check_signing(settings: Settings) -> None:

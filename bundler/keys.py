@@ -24,7 +24,6 @@ import logging
 import platform
 import re
 import sys
-import tokenize
 from collections.abc import Callable
 
 from bundler.bundle.manifest import FORMAT_VERSION
@@ -78,6 +77,8 @@ def code_hash(source: str) -> str:
     3. Source that does not tokenize (not Python, or truncated) falls back to stripping ``#...``
        to the end of each line and dropping blank lines, which is what Inductor does.
     """
+    import tokenize  # here, not at the top: ``bundler pack`` imports this module and never hashes code
+
     try:
         tokens = tokenize.generate_tokens(io.StringIO(source).readline)
         parts = [f"{tok.type}\x1f{'' if tok.type == tokenize.INDENT else tok.string}" for tok in tokens

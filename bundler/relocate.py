@@ -45,9 +45,15 @@ MAX_GROUP_BYTES = 1 << 20
 
 
 def is_group_file(name: str) -> bool:
-    """True for a Triton group file name or a path ending in one (``.../__grp__add.json``)."""
-    base = posixpath.basename(name.replace(os.sep, "/"))
-    return base.startswith(GROUP_PREFIX) and base.endswith(".json")
+    """True for a Triton group file name or a path ending in one (``.../__grp__add.json``).
+
+    Asked of every member an unpack writes, so the cheap test (the extension) comes first.
+    """
+    if not name.endswith(".json"):
+        return False
+    if os.sep != "/":
+        name = name.replace(os.sep, "/")
+    return name.rpartition("/")[2].startswith(GROUP_PREFIX)
 
 
 def _child_name(path: object) -> str | None:

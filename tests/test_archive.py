@@ -318,3 +318,85 @@ def test_a_long_unpack_keeps_its_staging_folder_from_being_swept(tmp_path, monke
     Path(staging / "t/k/deep/b.bin").write_bytes(b"b")
     live.commit()
     assert (tmp_path / "k/deep/a.bin").read_bytes() == b"a" and (tmp_path / "k/c.bin").read_bytes() == b"c"
+
+
+def test_records_keep_what_frozen_dataclasses_gave_them():
+    import dataclasses
+    import pickle
+
+    record = manifest.FileRecord("a/b", 3, "0" * 64)
+    man = manifest.build([record], {"bundler": "t"})
+    assert record == manifest.FileRecord("a/b", 3, "0" * 64) and hash(record) == hash(manifest.FileRecord("a/b", 3, "0" * 64))
+    assert repr(record) == f"FileRecord(path='a/b', size=3, sha256='{'0' * 64}')"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.size = 4  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(man)) == man and man.producer == {"bundler": "t"}
+    assert manifest.Manifest((record,)).producer == {}
+
+
+def test_a_manifest_encoding_kept_for_the_digest_follows_its_producer():
+    man = manifest.build([manifest.FileRecord("a", 1, "0" * 64)], {"k": "v"})
+    first = man.digest
+    man.producer["k"] = "w"  # type: ignore[index]  # a plain dict: nothing stops a caller
+    assert man.digest != first
+    assert man.encode() == manifest.build(man.files, {"k": "w"}).encode()
+
+
+class _Path(str):
+    """A str subclass: check_path's fast path takes exact str only, so this takes the full steps."""
+
+
+@settings(max_examples=3000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet="ab./\\\x00é\n", max_size=12) | st.sampled_from(
+    ["a", "a/b", ".a", "..a", "a..", "a/.../b", "x" * 255, "x" * 256, "a/" + "y" * 256, "/".join("a" * 32),
+     "/".join("a" * 33), "z" * 1024, "z" * 1025, MANIFEST_NAME, "a/./b", "a/../b", "./a", "a/.", "a//b"]))
+def test_check_path_fast_path_agrees_with_the_full_rules(path):
+    def outcome(p):
+        try:
+            return manifest.check_path(p) == p
+        except UnsafeMemberError as exc:
+            return str(exc)
+
+    assert outcome(path) == outcome(_Path(path))
+
+
+def test_tar_checksum_is_the_byte_sum():
+    import random
+
+    from bundler.bundle import tarformat
+
+    rng = random.Random(12)
+    blocks = [bytes(512), b"\xff" * 512, os.urandom(512)]
+    blocks += [bytes(rng.choice((0, 1, 32, 254, 255)) for _ in range(512)) for _ in range(300)]
+    for target in (65519, 65520, 65521, 65522, 65521 + 241, 130559, 130560):
+        blocks.append(bytes(min(255, max(0, target - 255 * i)) for i in range(512)))
+    for block in blocks:
+        assert tarformat.checksum(block) == sum(block)
+
+
+@pytest.mark.parametrize("change", [-1, +1])
+def test_a_source_file_that_changes_size_while_packed_is_an_error(tmp_path, monkeypatch, change):
+    """The header promised fstat's size; more bytes, or fewer, than that is an error, not a bundle."""
+    from bundler.bundle import writer
+    from bundler.errors import BundlerError
+
+    for size in (0, 10, writer._BATCH - 512 - 1, writer._BATCH - 512, 3 * writer._BATCH + 7):
+        src = tmp_path / f"src{size}"
+        write_tree(src, {"f": os.urandom(size)})
+        real = os.fstat
+
+        def fstat(fd, real=real):
+            st = real(fd)
+            return os.stat_result((*st[:6], st.st_size - change, *st[7:]))
+
+        if size == 0 and change == 1:
+            continue  # no negative sizes
+        monkeypatch.setattr(writer.os, "fstat", fstat)
+        with pytest.raises(BundlerError, match="changed size"):
+            archive.pack(src, io.BytesIO())
+        monkeypatch.undo()
+        data = io.BytesIO()
+        archive.pack(src, data)
+        data.seek(0)
+        archive.unpack(data, tmp_path / f"out{size}")
+        assert (tmp_path / f"out{size}" / "f").read_bytes() == (src / "f").read_bytes()

@@ -254,3 +254,49 @@ def test_bundler_log_gives_jobs_one_prefixed_handler(tmp_path):
     loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "BUNDLER_LOG": "info"})
     assert loud.stdout.strip() == "1" and loud.stderr == "bundler: WARNING: wwwwwwwwww\n"
+
+
+def test_local_commands_import_no_dataclasses(packed, tmp_path):
+    """dataclasses (with inspect, ast, dis) costs a bundler command ~25 ms of CPU; pack and unpack
+    need it only to report a misuse."""
+    out, _ = packed
+    code = (
+        "import sys; from bundler.cli import main; rc = main(sys.argv[1:]);"
+        "heavy = {'dataclasses', 'secrets'} & set(sys.modules);"
+        "assert not heavy, heavy; sys.exit(rc)"
+    )
+    for args in (["unpack", str(out), "--into", str(tmp_path / "x")], ["pack", str(tmp_path / "x"), "-o",
+                 str(tmp_path / "again.tar.zst")]):
+        result = subprocess.run([sys.executable, "-S", "-c", code, *args], capture_output=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert result.returncode == 0, result.stderr
+
+
+def test_local_commands_log_what_was_asked_for_and_only_that(packed, tmp_path):
+    out, _ = packed
+    loud = bundler("-v", "unpack", str(out), "--into", str(tmp_path / "a"))
+    assert loud.returncode == 0 and loud.stderr.decode().startswith("bundler: INFO: unpacked ")
+    assert bundler("unpack", str(out), "--into", str(tmp_path / "b")).stderr == b""
+    # A warning from inside the bundle layer (a leftover staging folder swept) reaches stderr with
+    # our prefix at INFO, and not at the default WARNING level.
+    dest = tmp_path / "c"
+    (dest / ".bundler-staging-otherhost-1-abc").mkdir(parents=True)
+    os.utime(dest / ".bundler-staging-otherhost-1-abc", (1, 1))
+    swept = bundler("-v", "unpack", str(out), "--into", str(dest))
+    assert "bundler: INFO: removing " in swept.stderr.decode(), swept.stderr
+    (dest / ".bundler-staging-otherhost-2-abc").mkdir()
+    os.utime(dest / ".bundler-staging-otherhost-2-abc", (1, 1))
+    assert bundler("unpack", str(out), "--into", str(dest)).stderr == b""
+
+
+def test_main_gives_the_garbage_collector_back(packed, tmp_path):
+    import gc
+
+    from bundler.cli import main
+
+    out, _ = packed
+    assert gc.isenabled()
+    assert main(["unpack", str(out), "--into", str(tmp_path / "x")]) == 0
+    assert gc.isenabled()
+    assert main(["unpack", str(tmp_path / "missing"), "--into", str(tmp_path / "y")]) == 3
+    assert gc.isenabled()

@@ -11,7 +11,6 @@ The order of the members in the tar stream is a pure function of the manifest,
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -54,33 +53,98 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-@dataclasses.dataclass(frozen=True)
-class FileRecord:
+class Record:
+    """What ``dataclass(frozen=True)`` generates, written out: fields set once by ``__init__``,
+    compared, hashed and shown by value, and never assigned again.
+
+    Why not the dataclass: importing ``dataclasses`` (it imports inspect, ast and dis) and
+    generating the classes cost ~30 ms of CPU per ``bundler unpack``, a tenth of the command.
+    Subclasses list their fields in ``_fields`` and set them with ``object.__setattr__``.
+    """
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self._values() == other._values()  # type: ignore[attr-defined]
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__qualname__}({shown})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise _frozen(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise _frozen(f"cannot delete field {name!r}")
+
+
+def _frozen(message: str) -> Exception:
+    """The error a frozen dataclass raises (imported only on this misuse)."""
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError(message)
+
+
+class FileRecord(Record):
+    """One member: its path in the bundle, size in bytes and sha256 (lowercase hex)."""
+
+    _fields = ("path", "size", "sha256")
     path: str
     size: int
     sha256: str
 
+    def __init__(self, path: str, size: int, sha256: str) -> None:
+        # One C call for the three fields: a manifest makes one record per file.
+        self.__dict__.update(path=path, size=size, sha256=sha256)
 
-@dataclasses.dataclass(frozen=True)
-class Manifest:
+
+class Manifest(Record):
     """A bundle's contents; ``digest`` is the sha256 of ``encode()``."""
 
+    _fields = ("files", "producer", "format")
     files: tuple[FileRecord, ...]
-    producer: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    format: int = FORMAT_VERSION
+    producer: Mapping[str, str]
+    format: int
+
+    def __init__(
+        self, files: tuple[FileRecord, ...], producer: Mapping[str, str] | None = None, format: int = FORMAT_VERSION
+    ) -> None:
+        object.__setattr__(self, "files", files)
+        object.__setattr__(self, "producer", {} if producer is None else producer)
+        object.__setattr__(self, "format", format)
 
     @property
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
 
     def encode(self) -> bytes:
-        """The canonical bytes: the same files and producer always give the same bytes."""
+        """The canonical bytes: the same files and producer always give the same bytes.
+
+        Kept once computed (``decode`` computes them to check a manifest is canonical, and the
+        digest needs them again: 4.5 ms for 1,600 files). ``files`` and the records are frozen;
+        ``producer`` is a plain mapping, so the copy kept is checked against it on every use.
+        """
+        producer = dict(sorted(self.producer.items()))
+        kept = self.__dict__.get("_encoded")
+        if kept is not None and kept[0] == producer:
+            return kept[1]  # type: ignore[no-any-return]
         doc = {
             "format": self.format,
-            "producer": dict(sorted(self.producer.items())),
+            "producer": producer,
             "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
         }
-        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        data = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        self.__dict__["_encoded"] = (producer, data)
+        return data
 
     @property
     def digest(self) -> str:
@@ -181,6 +245,24 @@ def check_path(path: str) -> str:
     The rules are stricter than tar's on purpose: a bundle only ever holds plain relative paths,
     so anything else is either a bug or an attack, and both should stop here with the name shown.
     """
+    # The common case first, in C-speed string scans: a plain ASCII path (characters are bytes)
+    # that passes every rule below. Anything else takes the steps below, which name the problem.
+    if (
+        type(path) is str
+        and path.isascii()
+        and 0 < len(path) <= _MAX_PATH
+        and path.count("/") < _MAX_DEPTH
+        and "\x00" not in path
+        and "\\" not in path
+        and "//" not in path
+        and path[0] != "/"
+        and path[-1] != "/"
+        and "/./" not in (wrapped := f"/{path}/")
+        and "/../" not in wrapped
+        and (len(path) <= _MAX_COMPONENT or max(map(len, path.split("/"))) <= _MAX_COMPONENT)
+        and path != MANIFEST_NAME
+    ):
+        return path
     problem = None
     encoded = path.encode("utf-8", "surrogatepass") if isinstance(path, str) else b""
     if not isinstance(path, str) or not path:
@@ -284,7 +366,7 @@ def _entry(item: object, index: int) -> FileRecord:
             f"({_show(path) if isinstance(path, str) else 'no path'}, {shown!r:.200})"
         )
     check_path(path)
-    return FileRecord(path=path, size=size, sha256=sha256)
+    return FileRecord(path, size, sha256)
 
 
 def decode(data: bytes, *, max_members: int) -> Manifest:

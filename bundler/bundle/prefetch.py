@@ -49,22 +49,41 @@ class Prefetch:
         share_hashing: bool = False,
         large_member: int | None = None,
     ) -> None:
-        self._source = _worker_hashes(source, self, large_member) if share_hashing else source
+        self._source = source
+        self._share_hashing = share_hashing
+        self._large = large_member if large_member is not None else 1 << 62
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="bundler-read", daemon=True)
         self._thread.start()
 
     def _produce(self) -> None:
+        """Batch the source's events; with ``share_hashing``, hash and check the members that start
+        while the caller is behind (and every member of at least ``large_member`` bytes).
+
+        One loop for both (not a generator feeding another): it runs once per event, ~4 a file.
+        """
         batch: list[tuple[int, object]] = []
         size = 0
+        hasher = None
+        share, large, stop = self._share_hashing, self._large, self._stop
         try:
             for event in self._source:
-                if self._stop.is_set():
+                if stop.is_set():
                     return
-                batch.append(event)
-                if event[0] == DATA:
+                kind = event[0]
+                if kind == DATA:
+                    if hasher is not None:
+                        hasher.update(event[1])  # type: ignore[arg-type]
                     size += len(event[1])  # type: ignore[arg-type]
+                elif share and kind == BEGIN:
+                    if event[1].size >= large or self.backlog() >= _CALLER_BEHIND:  # type: ignore[attr-defined]
+                        hasher = hashlib.sha256()
+                        event = (CHECKED_BEGIN, event[1])
+                elif kind == END and hasher is not None:
+                    check_hash(event[1], hasher)  # type: ignore[arg-type]
+                    hasher = None
+                batch.append(event)
                 if size >= _BATCH_BYTES or len(batch) >= _BATCH_EVENTS:
                     if not self._put(batch):
                         return
@@ -85,6 +104,15 @@ class Prefetch:
         return False
 
     def __iter__(self) -> Iterator[tuple[int, object]]:
+        batches = self.batches()
+        try:
+            for batch in batches:
+                yield from batch
+        finally:
+            batches.close()  # stops the worker now, not when the generator is collected
+
+    def batches(self) -> Iterator[list[tuple[int, object]]]:
+        """The items in the batches they crossed over in (a caller's loop a generator level shorter)."""
         try:
             while True:
                 item = self._get()
@@ -92,7 +120,7 @@ class Prefetch:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield from item  # type: ignore[misc]
+                yield item  # type: ignore[misc]
         finally:
             self._stop.set()  # the caller stopped iterating, by choice or by error: so does the worker
 
@@ -113,30 +141,6 @@ class Prefetch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-def _worker_hashes(
-    source: Iterator[tuple[int, object]], prefetch: Prefetch, large_member: int | None = None
-) -> Iterator[tuple[int, object]]:
-    """``source``, hashing and checking the members that start while the caller is behind (and,
-    with ``large_member``, every member at least that large)."""
-    hasher = None
-    large = large_member if large_member is not None else 1 << 62
-    try:
-        for kind, value in source:
-            if kind == DATA:
-                if hasher is not None:
-                    hasher.update(value)  # type: ignore[arg-type]
-            elif kind == BEGIN:
-                if value.size >= large or prefetch.backlog() >= _CALLER_BEHIND:  # type: ignore[attr-defined]
-                    hasher = hashlib.sha256()
-                    kind = CHECKED_BEGIN
-            elif kind == END and hasher is not None:
-                check_hash(value, hasher)  # type: ignore[arg-type]
-                hasher = None
-            yield kind, value
-    finally:
-        source.close()  # type: ignore[attr-defined]
 
 
 #: Batches waiting in the queue at which the caller counts as behind.

@@ -9,7 +9,7 @@ and ``tarfile`` all read.
 
 from __future__ import annotations
 
-import dataclasses
+import zlib
 
 from bundler.errors import NotABundleError, UnsafeMemberError
 
@@ -39,8 +39,39 @@ def padding(size: int) -> int:
     return -size % BLOCK
 
 
+def checksum(header: bytes | bytearray) -> int:
+    """The ustar checksum of a 512-byte header whose checksum field holds spaces: its byte sum.
+
+    Computed from two residues taken at C speed rather than by ``sum(header)``, whose byte-by-byte
+    iteration cost ~5 µs a header, 8 ms of CPU per 1,600-file unpack (and again per pack):
+
+    * zlib's Adler-32 keeps ``(1 + sum) mod 65521`` in its low 16 bits;
+    * the header read as one base-256 number is congruent to its byte sum modulo 255 (256 = 1).
+
+    The sum of 512 bytes is at most 130,560, under 2 * 65521, so it is the first residue or that
+    plus 65521; the two differ by 241 modulo 255, so the second residue tells which.
+    """
+    if len(header) != BLOCK:
+        raise ValueError(f"a tar header is {BLOCK} bytes, not {len(header)}")
+    low = ((zlib.adler32(header) & 0xFFFF) - 1) % _ADLER_MOD
+    if low % 255 == int.from_bytes(header, "little") % 255:
+        return low
+    return low + _ADLER_MOD
+
+
+_ADLER_MOD = 65521
+
+
 def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
+
+
+# The fields every header shares (mode 0644, owner 0, mtime 0: output depends on content only),
+# computed once: a cache has thousands of headers to write.
+_MODE_UID_GID = _octal(_FILE_MODE, 8) + _octal(0, 8) + _octal(0, 8)
+_MTIME = _octal(0, 12)
+#: After the typeflag (offset 156): linkname, then the ustar magic and version at 257, then zeros.
+_AFTER_TYPEFLAG = (bytes(100) + b"ustar\x0000").ljust(BLOCK - 157, b"\0")
 
 
 def _pax_record(key: str, value: str) -> bytes:
@@ -52,19 +83,10 @@ def _pax_record(key: str, value: str) -> bytes:
 
 
 def _header(name: bytes, size: int, typeflag: bytes) -> bytes:
-    header = bytearray(BLOCK)
-    header[0 : len(name)] = name
-    header[100:108] = _octal(_FILE_MODE, 8)
-    header[108:116] = _octal(0, 8)
-    header[116:124] = _octal(0, 8)
-    header[124:136] = _octal(size, 12)
-    header[136:148] = _octal(0, 12)
-    header[148:156] = b" " * 8
-    header[156:157] = typeflag
-    header[257:265] = b"ustar\x0000"
-    checksum = sum(header)
-    header[148:156] = b"%06o\0 " % checksum
-    return bytes(header)
+    """name (100 bytes at most), mode, uid, gid, size, mtime, checksum, typeflag, then the fixed rest."""
+    front = name.ljust(100, b"\0") + _MODE_UID_GID + _octal(size, 12) + _MTIME
+    back = typeflag + _AFTER_TYPEFLAG
+    return front + b"%06o\0 " % checksum(front + b"        " + back) + back
 
 
 def file_header(path: str, size: int) -> bytes:
@@ -86,18 +108,24 @@ def _ascii_stub(name: bytes) -> bytes:
     return name.decode("ascii", "replace").encode("ascii", "replace")[:100]
 
 
-@dataclasses.dataclass(frozen=True)
 class Header:
-    typeflag: bytes
-    name: str
-    size: int
+    """One parsed header: ``typeflag`` (``b"0"`` a file, ``b"x"`` pax records), name and size.
+
+    A plain class: a dataclass would make ``bundler unpack`` import dataclasses (see manifest.Record).
+    """
+
+    __slots__ = ("typeflag", "name", "size")
+
+    def __init__(self, typeflag: bytes, name: str, size: int) -> None:
+        self.typeflag = typeflag
+        self.name = name
+        self.size = size
 
 
 def _field_str(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0]
 
 
-_OCTAL_DIGITS = frozenset(b"01234567")
 _DECIMAL_DIGITS = frozenset(b"0123456789")
 #: A pax ``size`` longer than this many digits is beyond any limit a reader accepts.
 _MAX_PAX_SIZE_DIGITS = 20
@@ -113,7 +141,7 @@ def _parse_octal(raw: bytes, what: str) -> int:
         raise NotABundleError(f"tar header uses a base-256 {what}, which bundles never do")
     text, _, rest = raw.partition(b"\0")
     text = text.lstrip(b" ").rstrip(b" ")
-    if rest.strip(b"\0 ") or not _OCTAL_DIGITS.issuperset(text):
+    if rest.strip(b"\0 ") or text.translate(None, b"01234567"):  # any byte but an octal digit
         raise NotABundleError(f"tar header has a malformed {what} field {raw!r}")
     return int(text, 8) if text else 0
 
@@ -129,25 +157,19 @@ def parse_decimal(raw: str, what: str) -> int:
 def parse_header(block: bytes) -> Header:
     """Decode one 512-byte header, rejecting every member type except regular files and pax records."""
     stored = _parse_octal(block[148:156], "checksum")
-    computed = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    if stored != computed:
+    if len(block) != BLOCK or stored != checksum(block[:148] + b"        " + block[156:]):
         raise NotABundleError(
             "tar header checksum does not match: the stream is not a tar archive or is corrupt"
         )
     if block[257:262] != b"ustar":
         raise NotABundleError("tar header is not in ustar/pax format")
     typeflag = block[156:157]
-    prefix = _field_str(block[345:500])
     name = _field_str(block[0:100])
-    if prefix:
-        name = prefix + b"/" + name
+    if block[345]:  # a ustar prefix (ours never have one; other writers' may)
+        name = _field_str(block[345:500]) + b"/" + name
     decoded = name.decode("utf-8", "surrogateescape")
     if typeflag in (b"0", b"\0", b"x"):
-        return Header(
-            typeflag=b"x" if typeflag == b"x" else b"0",
-            name=decoded,
-            size=_parse_octal(block[124:136], "size"),
-        )
+        return Header(b"x" if typeflag == b"x" else b"0", decoded, _parse_octal(block[124:136], "size"))
     kind = _REJECTED_TYPES.get(typeflag, f"an unknown member type {typeflag!r}")
     raise UnsafeMemberError(f"member {decoded!r} is {kind}; bundles hold regular files only")
 
