@@ -161,6 +161,45 @@ def test_miss_names_the_nearest_bundle_and_what_differs(isolated_inductor: Path,
     assert "torch compile cache miss" in session.summary_line()
 
 
+class _HeldListing:
+    """A real store whose listings wait until the test releases them."""
+
+    def __init__(self, store) -> None:  # noqa: ANN001
+        self._store, self.release = store, __import__("threading").Event()
+        self.url = store.url
+
+    def list(self, prefix: str):  # noqa: ANN201
+        self.release.wait(60)
+        return self._store.list(prefix)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._store, name)
+
+
+def test_a_miss_lets_the_first_compile_go_before_naming_the_nearest_bundle(
+    isolated_inductor: Path, local_store_url: str
+) -> None:
+    """Naming the nearest bundle lists the prefix and reads up to 50 refs: on a real bucket, seconds
+    that a cold compile must not wait for. The gate opens on the miss itself."""
+    from bundler.integrations import torch_gate
+
+    facts = bt.environment_facts("")
+    elsewhere = {**facts, "tag": "nightly"}
+    with open_store(local_store_url) as raw:
+        _push_fake(raw, elsewhere, bt.ref_name(elsewhere))
+        store = _HeldListing(raw)
+        session = bt.CompileCache(local_store_url, store=store, push=False).begin()
+        try:
+            assert session.status == "miss"  # known while the listing is still held
+            torch_gate.wait_pending()  # the first compile's wait: over, though no explanation yet
+            assert not session._finished.is_set()
+        finally:
+            store.release.set()
+        assert "tag '' here, nightly in the bundle" in session.explanation
+        session.end()
+    assert "nearest bundle" in session.summary_line()
+
+
 def test_a_hit_lands_every_layer_where_inductor_looks(
     isolated_inductor: Path, local_store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

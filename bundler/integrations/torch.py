@@ -391,14 +391,22 @@ class _Outcome:
     def __set_name__(self, owner: type, name: str) -> None:
         self.field = "_" + name
 
+    #: Known only once all of it is done (the header pull, the miss explanation), not just the part
+    #: the first compile waits for.
+    late = False
+
     def __get__(self, session: Any, owner: type | None = None) -> Any:
         if session is None:
             return self
-        session.wait()
+        session.wait(everything=self.late)
         return getattr(session, self.field)
 
     def __set__(self, session: Any, value: Any) -> None:
         setattr(session, self.field, value)
+
+
+class _LateOutcome(_Outcome):
+    late = True
 
 
 class CompileCache:
@@ -413,7 +421,7 @@ class CompileCache:
     ref = _Outcome()
     facts = _Outcome()
     reason = _Outcome()
-    explanation = _Outcome()
+    explanation = _LateOutcome()
     pulled_bytes = _Outcome()
     pulled_files = _Outcome()
 
@@ -442,6 +450,8 @@ class CompileCache:
         self._pid = os.getpid()
         self._done = threading.Event()
         self._headers_done = threading.Event()  # the precompiled-header bundle is in place (or given up)
+        self._finished = threading.Event()  # all background work, the miss explanation included
+        self._explain_store: Any = None  # set on a miss: the nearest ref is looked up after the compile is released
         self._headers_gated = False  # only Inductor's header build waits for it (else the first compile does)
         self._headers: dict[str, Any] | None = None  # the installed ref's header bundle: digest, size, files
         self._headers_installed: list[str] = []
@@ -522,8 +532,10 @@ class CompileCache:
         if not self._background:
             self._prepare()
             self._pull_headers()
+            self._explain()
             self._done.set()
             self._headers_done.set()
+            self._finished.set()
             return self
         from bundler.integrations import torch_gate
 
@@ -541,14 +553,21 @@ class CompileCache:
         self._worker.start()
         return self
 
-    def wait(self, timeout: float | None = None) -> CompileCache:
+    def wait(self, timeout: float | None = None, *, everything: bool = False) -> CompileCache:
         """Block until :meth:`begin`'s background work is done (``timeout``: default the pull budget
-        plus a margin); outcome attributes (``status``, ``ref``, ``facts``, ...) do this for you."""
+        plus a margin); outcome attributes (``status``, ``ref``, ``facts``, ...) do this for you.
+
+        By default only until the bundle is in place, as the first compile waits; ``everything``:
+        also the precompiled headers and a miss's explanation, which come after.
+        """
         if self._worker is None or threading.current_thread() is self._worker:
             return self
         if os.getpid() != self._pid:  # a forked child: the fetch thread stayed in the parent
             return self
-        self._done.wait(self._wait_limit_s() if timeout is None else timeout)
+        limit = time.monotonic() + (self._wait_limit_s() if timeout is None else timeout)
+        self._done.wait(max(0.0, limit - time.monotonic()))
+        if everything:
+            self._finished.wait(max(0.0, limit - time.monotonic()))
         return self
 
     def _wait_limit_s(self) -> float:
@@ -575,6 +594,10 @@ class CompileCache:
             log.warning("torch compile cache: precompiled headers not installed: %s: %s", type(exc).__name__, exc)
         finally:
             self._headers_done.set()
+        try:
+            self._explain()
+        finally:
+            self._finished.set()
 
     def _prepare(self) -> None:
         """The facts, the ref, the fetch (when a remote is configured) and the snapshot of the cache
@@ -630,9 +653,10 @@ class CompileCache:
             with self._timed("ref"):
                 found = read_ref(store, self._ref, self.settings)
         except NotFoundError:
+            # Nothing to install: the first compile may go. Naming the nearest ref lists the
+            # prefix and reads up to _EXPLAIN_MAX_REFS refs; that happens after (_explain).
             self._status, self._reason = "miss", ""
-            self._explanation = self._explain_miss(store)
-            log.info("torch compile cache miss for %s: %s", self._ref, self._explanation)
+            self._explain_store = store
             return
         differing = fact_differences(self._facts, found.producer)
         if differing:
@@ -712,6 +736,19 @@ class CompileCache:
         self._pulled_bytes += int(entry.get("size", 0))
         self._pulled_files += len(result.manifest.files)
 
+    def _explain(self) -> None:
+        """After a miss, once the first compile is free to go: the nearest ref and what differs."""
+        store, self._explain_store = self._explain_store, None
+        if store is None or self.settings is None:
+            return
+        from bundler.remote import health
+
+        with self._timed("explain"):
+            explained = health.guarded(self.settings, "read", self._ref or "", functools.partial(
+                self._explain_miss, store))
+        self._explanation = explained or "no bundle for this environment"
+        log.info("torch compile cache miss for %s: %s", self._ref, self._explanation)
+
     def _explain_miss(self, store: Any) -> str:
         try:
             return _nearest(store, self._prefix, self._facts, self.settings)
@@ -740,8 +777,8 @@ class CompileCache:
             torch_gate.release(self._headers_done)
             self.wait()
             if self._done.is_set() and os.getpid() == self._pid:
-                self._headers_done.wait(self._wait_limit_s())
-            if not (self._done.is_set() and self._headers_done.is_set()):
+                self._finished.wait(self._wait_limit_s())
+            if not (self._done.is_set() and self._finished.is_set()):
                 log.warning("torch compile cache: the bundle fetch is still running at the end of the session; "
                             "not pushing")
                 return
