@@ -347,6 +347,35 @@ def test_an_offline_copy_of_a_torch_ref_hits_with_its_headers_at_another_path(
     warm.end()
 
 
+def test_a_ref_never_names_an_early_pushed_header_bundle_that_is_gone(
+    isolated_inductor: Path, local_store_url: str
+) -> None:
+    """The header is pushed when the first compile returns; the ref is written at the end, maybe
+    hours later, and gc may have collected the unnamed header bundle meanwhile. The end then
+    pushes it again rather than link a missing bundle."""
+    from bundler.integrations import torch_gate
+    from bundler.remote import layout
+    from bundler.remote.refs import linked_bundles, read_ref
+
+    session = bt.CompileCache(local_store_url, background=False).begin()
+    assert session.status == "miss"
+    pch = session.dirs.pch
+    pch.mkdir(parents=True)
+    (pch / "c1.h.gch").write_bytes(b"precompiled")
+    torch_gate._run_after_compile()  # what the gate does when Inductor's compile returns
+    assert session._early_thread is not None
+    session._early_thread.join(60)
+    early = session._early_headers[0]["digest"]
+    with open_store(local_store_url) as store:
+        store.delete(layout.bundle_key(early))  # a gc ran while the job trained
+        (isolated_inductor / "fxgraph" / "ab").mkdir(parents=True)
+        (isolated_inductor / "fxgraph" / "ab" / "entry").write_bytes(b"graph")
+        session.end()
+        found = read_ref(store, session.ref, Settings())
+        linked = linked_bundles(found.extra, found.producer)["pch"]
+        assert store.head(layout.bundle_key(linked)) is not None
+
+
 def test_a_dead_store_costs_a_warning_not_the_job(isolated_inductor: Path, aws_env: None,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings(connect_timeout=0.5, read_timeout=0.5, max_attempts=1)

@@ -422,8 +422,8 @@ class CompileCache:
     facts = _Outcome()
     reason = _Outcome()
     explanation = _LateOutcome()
-    pulled_bytes = _Outcome()
-    pulled_files = _Outcome()
+    pulled_bytes = _LateOutcome()  # the header bundle adds to them after the first compile is released
+    pulled_files = _LateOutcome()
 
     def __init__(
         self,
@@ -528,7 +528,10 @@ class CompileCache:
         if self.settings.remote and self._push and self.dirs.pch is not None:
             from bundler.integrations import torch_gate
 
-            torch_gate.after_next_compile(self._after_compile)
+            try:
+                torch_gate.after_next_compile(self._after_compile)
+            except Exception as exc:  # noqa: BLE001 - private torch API: the headers are then pushed at end()
+                log.debug("torch compile cache: no early header push (%s: %s)", type(exc).__name__, exc)
         if not self._background:
             self._prepare()
             self._pull_headers()
@@ -548,9 +551,18 @@ class CompileCache:
         if self.dirs.pch is not None:
             self._headers_gated = torch_gate.hold_headers_until(
                 self._headers_done, self._wait_limit_s(), "the precompiled headers")
-        self._worker = threading.Thread(target=self._prepare_in_background, name="bundler-torch-fetch", daemon=True)
+        worker = threading.Thread(target=self._prepare_in_background, name="bundler-torch-fetch", daemon=True)
         self._pid = os.getpid()
-        self._worker.start()
+        try:
+            worker.start()
+        except RuntimeError as exc:  # "can't start new thread": no fetch, and nothing may wait for one
+            log.warning("torch compile cache off: could not start the fetch thread (%s)", exc)
+            self._status, self._reason = "error", str(exc)
+            for event in (self._done, self._headers_done, self._finished):
+                event.set()
+                torch_gate.release(event)
+            return self
+        self._worker = worker
         return self
 
     def wait(self, timeout: float | None = None, *, everything: bool = False) -> CompileCache:
@@ -714,17 +726,15 @@ class CompileCache:
             return
         from bundler.remote import health
 
+        # Charged to the job's store budget only where the job waits for it: not when only a header
+        # build may wait (then it runs inline, under a deadline of the budget left, and cannot
+        # outlive this call).
         with self._timed("headers"):
-            health.guarded(self.settings, "read", entry["digest"], functools.partial(self._pull_headers_request, entry))
+            health.guarded(self.settings, "read", entry["digest"], functools.partial(self._pull_headers_request, entry),
+                           wait=not self._headers_gated)
         if not self._headers_installed:
             log.warning("torch compile cache: precompiled headers %s not installed; Inductor builds them",
                         entry["digest"][:12])
-            return
-        before = self._before.setdefault(PCH, _Snapshot({}))
-        for member in self._headers_installed:
-            with contextlib.suppress(OSError):
-                st = os.stat(dirs.pch / member[len(PCH) + 1:], follow_symlinks=False)
-                before.files[member] = (st.st_size, st.st_mtime_ns)
 
     def _pull_headers_request(self, entry: Mapping[str, Any]) -> None:
         from bundler.remote import transfer
@@ -732,7 +742,13 @@ class CompileCache:
         assert self.dirs is not None and self.dirs.pch is not None
         result = transfer.pull(self._open_store(), {PCH: self.dirs.pch}, digest=entry["digest"],
                                settings=self.settings)
-        self._headers_installed = [record.path for record in result.manifest.files]
+        installed = [record.path for record in result.manifest.files]
+        before = self._before.setdefault(PCH, _Snapshot({}))  # pulled files are the start, not builds
+        for member in installed:
+            with contextlib.suppress(OSError):
+                st = os.stat(self.dirs.pch / member[len(PCH) + 1:], follow_symlinks=False)
+                before.files[member] = (st.st_size, st.st_mtime_ns)
+        self._headers_installed = installed
         self._pulled_bytes += int(entry.get("size", 0))
         self._pulled_files += len(result.manifest.files)
 
@@ -745,7 +761,7 @@ class CompileCache:
 
         with self._timed("explain"):
             explained = health.guarded(self.settings, "read", self._ref or "", functools.partial(
-                self._explain_miss, store))
+                self._explain_miss, store), wait=not self._background)  # the job does not wait for it
         self._explanation = explained or "no bundle for this environment"
         log.info("torch compile cache miss for %s: %s", self._ref, self._explanation)
 
@@ -775,16 +791,15 @@ class CompileCache:
             self._headers_held_s = torch_gate.held_s(self._headers_done)
             torch_gate.release(self._done)
             torch_gate.release(self._headers_done)
-            self.wait()
-            if self._done.is_set() and os.getpid() == self._pid:
-                self._finished.wait(self._wait_limit_s())
+            self.wait(everything=True)  # one bound (the store's budget plus a margin) for all of it
             if not (self._done.is_set() and self._finished.is_set()):
                 log.warning("torch compile cache: the bundle fetch is still running at the end of the session; "
                             "not pushing")
                 return
         if self.dirs is None:
             return
-        if self._early_thread is not None:
+        pushing = not failed and self.settings is not None and bool(self.settings.remote) and self._push
+        if self._early_thread is not None and pushing:
             self._early_thread.join(self._wait_limit_s())
         work = self._work_done()
         added = self._added_files()
@@ -868,10 +883,17 @@ class CompileCache:
         """The header bundle the ref names, pushed before the ref (so a ref never names a bundle
         that is not there yet). Reused without packing ~150 MB again where possible: the installed
         one when this session left the header folder as pulled, or the one pushed while the job
-        ran (:meth:`_push_headers_early`) when the folder is as it was packed."""
-        if self._headers is not None and not added.get(PCH) and sorted(headers) == sorted(self._headers_installed):
+        ran (:meth:`_push_headers_early`) when the folder is as it was packed. Either only while it is
+        still stored and young enough that gc spares it: the early push may be hours old by now,
+        and no ref named it meanwhile."""
+        from bundler.remote import transfer
+
+        store = self._open_store()
+        if (self._headers is not None and not added.get(PCH) and sorted(headers) == sorted(self._headers_installed)
+                and transfer.stored_and_fresh(store, self._headers["digest"])):
             return dict(self._headers)
-        if self._early_headers is not None and self._early_headers[1] == self._header_files():
+        if (self._early_headers is not None and self._early_headers[1] == self._header_files()
+                and transfer.stored_and_fresh(store, self._early_headers[0]["digest"])):
             self.pushed_bytes += int(self._early_headers[0]["size"])
             return dict(self._early_headers[0])
         entry = self._push_header_bundle(headers, producer)
@@ -907,9 +929,9 @@ class CompileCache:
 
             torch_gate.after_next_compile(self._after_compile)
             return
-        self._early_thread = threading.Thread(target=self._push_headers_in_background, name="bundler-torch-headers",
-                                              daemon=True)
-        self._early_thread.start()
+        thread = threading.Thread(target=self._push_headers_in_background, name="bundler-torch-headers", daemon=True)
+        thread.start()
+        self._early_thread = thread  # only once started: end() joins it
 
     def _push_headers_in_background(self) -> None:
         from bundler import keys

@@ -122,6 +122,13 @@ def _stale(found: ObjectInfo) -> bool:
     return age.total_seconds() > REFRESH_AFTER_S
 
 
+def stored_and_fresh(store: Store, digest: str) -> bool:
+    """Whether bundle ``digest`` is in the store and young enough that gc spares it while a new ref
+    is written to name it (a caller linking an existing bundle instead of pushing it again)."""
+    found = store.head(layout.bundle_key(digest))
+    return found is not None and not _stale(found)
+
+
 def run_facts() -> dict[str, Any]:
     """Who made a ref, for ``bundler ls`` / ``show``: host, command, time, device, versions.
 
