@@ -846,7 +846,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     logs.attach(level)
 
 
-def _unknown_command(argv: Sequence[str], parser: argparse.ArgumentParser) -> str | None:
+def _unknown_command(argv: Sequence[str]) -> str | None:
     """A one-line error with the nearest verb, for ``bundler pus``; None when the verb is known."""
     words = [a for a in argv if not a.startswith("-")]
     flags_before = [a for a in argv[: argv.index(words[0])]] if words else []
@@ -865,7 +865,7 @@ def _unknown_command(argv: Sequence[str], parser: argparse.ArgumentParser) -> st
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_verb_to_build(argv))
-    unknown = _unknown_command(argv, parser)
+    unknown = _unknown_command(argv)
     if unknown:
         print(f"{parser.format_usage().rstrip()}\nbundler: error: {unknown}", file=sys.stderr)
         return EXIT_USAGE

@@ -96,11 +96,9 @@ class _Extractor(_Hasher):
         self._placement = placement
         self._rewrite = rewrite
         self._wants = rewrite.wants if rewrite is not None else None
-        # Bound once: three calls per member. The real seam is the os functions themselves,
-        # called directly (a Python frame less per call); a test's subclass goes through its methods.
-        plain = type(ops) is FileOps
-        self._os_open = os.open if plain else ops.open
-        self._os_write = os.write if plain else ops.write
+        # Bound once: three calls per member (FileOps makes them the os functions themselves).
+        self._os_open = ops.open
+        self._os_write = ops.write
         self._staged: Staged | None = None
         self._fd = -1
         self._held: list[bytes] | None = None  # a member the rewriter wants, held until verified

@@ -208,9 +208,11 @@ def _manifest(src: _Source, settings: Settings, expected_digest: str | None) -> 
     return manifest.check_fits(man, header.size, settings)
 
 
-def _unexpected(name: str, names: set[str], man: Manifest) -> UnsafeMemberError:
+def _unexpected(name: str, man: Manifest) -> UnsafeMemberError:
+    """The error for a tar member other than the one the manifest's order expects (never the
+    common path: the manifest's names are gathered here only)."""
     manifest.check_path(name)
-    if name == MANIFEST_NAME or name in names:
+    if name == MANIFEST_NAME or any(record.path == name for record in man.files):
         order = "path order" if man.format == 1 else "order of extension, then path"
         return UnsafeMemberError(
             f"member {name!r} appears twice or out of order (a format {man.format} bundle holds its "
@@ -229,13 +231,12 @@ def events(stream: BinaryIO, settings: Settings, expected_digest: str | None = N
     src = _Source(stream, settings)
     man = _manifest(src, settings, expected_digest)
     yield MANIFEST, man
-    names = {record.path for record in man.files}
     for record in manifest.stream_order(man):
         header = _member_header(src, record.path)
         if header is None:
             raise IntegrityError(f"member {record.path!r} is listed in the manifest but missing from the bundle")
         if header.name != record.path:
-            raise _unexpected(header.name, names, man)
+            raise _unexpected(header.name, man)
         if header.size != record.size:
             raise IntegrityError(
                 f"member {record.path!r} is {header.size} bytes in the tar but {record.size} in the manifest"
@@ -251,7 +252,7 @@ def events(stream: BinaryIO, settings: Settings, expected_digest: str | None = N
         yield END, record
     header = _member_header(src, "end of archive")
     if header is not None:
-        raise _unexpected(header.name, names, man)
+        raise _unexpected(header.name, man)
     src.read(tarformat.BLOCK)  # the second end-of-archive block
     if not src.rest_is_zero(_MAX_TRAILING_ZEROS):
         raise NotABundleError("the bundle has data after the end of the tar archive")

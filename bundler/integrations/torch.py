@@ -107,9 +107,8 @@ _EXPLAIN_MAX_REFS = 50
 #: matching costs ~4% more bytes than the default and about half the CPU on a 154 MB ``.gch``.
 _HEADER_BUNDLE_LEVEL = 1
 #: Producer facts that travel in the manifest itself (kept by an offline import, unlike ``extra``):
-#: the producer's directory per layer, and the header bundle's digest (``bundle.pch``).
+#: the producer's directory per layer (the header bundle's digest is ``refs.LINKED_FACT``).
 _DIR_FACT = "dir."
-LINKED_FACT = "bundle."  # the same as bundler.remote.refs.LINKED_FACT, without importing the store layer here
 
 
 class IncompleteWarmStart(BundlerError):
@@ -803,7 +802,7 @@ class CompileCache:
             self._early_thread.join(self._wait_limit_s())
         work = self._work_done()
         added = self._added_files()
-        if not failed and self.settings is not None and self.settings.remote and self._push:
+        if pushing:
             self._maybe_push(added)
         if self.status == "hit" and work.get("inductor.fxgraph_cache_miss"):
             from bundler.integrations import torch_missdiff
@@ -842,24 +841,26 @@ class CompileCache:
         health.guarded(self.settings, "write", self.ref or "", functools.partial(self._push_now, added), wait=False)
 
     def _push_now(self, added: Mapping[str, list[str]]) -> None:
-        from bundler import keys
         from bundler.integrations.torch_relocate import portable_source
         from bundler.remote import transfer
+        from bundler.remote.refs import LINKED_FACT
 
         assert self.dirs is not None and self.ref is not None
-        captured = _capture(self.dirs.layers())
+        layers = self.dirs.layers()
+        captured = _capture(layers)
         headers = {name: path for name, path in captured.items() if name.startswith(PCH + "/")}
-        source = portable_source(self.dirs.layers(), {n: p for n, p in captured.items() if n not in headers})
+        source = portable_source(layers, {n: p for n, p in captured.items() if n not in headers})
         if not source:
             return
-        producer = {**keys.producer_facts(), **self.facts}
+        producer = self._producer()
         header_entry = self._header_entry(headers, added, producer) if headers else None
+        dirs = {name: str(path) for name, path in layers.items()}
         # Also in the manifest, for refs that an offline `bundler import` writes (no extra there).
-        producer.update({f"{_DIR_FACT}{name}": str(path) for name, path in self.dirs.layers().items()})
+        producer.update({f"{_DIR_FACT}{name}": path for name, path in dirs.items()})
         if header_entry is not None:
             producer[f"{LINKED_FACT}{PCH}"] = header_entry["digest"]
         extra = {
-            "dirs": {name: str(path) for name, path in self.dirs.layers().items()},
+            "dirs": dirs,
             "inductor_compile_s": round(_inductor_compile_s() - self._compile_s_before, 3),
             "inductor_settings": _config_dict("torch._inductor.config"),
             "functorch_settings": _config_dict("torch._functorch.config"),
@@ -910,6 +911,12 @@ class CompileCache:
         result = transfer.push(self._open_store(), dict(headers), producer=producer, settings=settings)
         return {"digest": result.digest, "size": result.size, "files": len(result.manifest.files)}
 
+    def _producer(self) -> dict[str, str]:
+        """The manifest's producer facts: who packed it, and this environment's facts."""
+        from bundler import keys
+
+        return {**keys.producer_facts(), **self.facts}
+
     def _header_files(self) -> dict[str, tuple[int, int]]:
         """The header folder's files (member name -> size, mtime), as a snapshot compares them."""
         assert self.dirs is not None and self.dirs.pch is not None
@@ -934,17 +941,15 @@ class CompileCache:
         self._early_thread = thread  # only once started: end() joins it
 
     def _push_headers_in_background(self) -> None:
-        from bundler import keys
         from bundler.remote import health
 
         assert self.dirs is not None and self.settings is not None
         _yield_cpu()  # the compile goes on meanwhile, and it is what the job waits for
         try:
             before = self._header_files()
-            headers = {name: path for name, path in _capture({PCH: self.dirs.pch}).items()}  # type: ignore[dict-item]
-            producer = {**keys.producer_facts(), **self.facts}
+            headers = _capture({PCH: self.dirs.pch})  # type: ignore[dict-item]
             entry = health.guarded(self.settings, "write", "precompiled headers", functools.partial(
-                self._push_header_bundle, headers, producer, threads=1), wait=False)
+                self._push_header_bundle, headers, self._producer(), threads=1), wait=False)
             if entry is not None and self._header_files() == before:
                 self._early_headers = (entry, before)
                 log.info("torch compile cache: pushed the precompiled headers (%s, %d bytes) while the job runs",

@@ -21,6 +21,7 @@ The replacement is the fixed method's logic and nothing else; it changes no cach
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Any
@@ -50,6 +51,7 @@ def install() -> list[str]:
     return list(_installed)
 
 
+@functools.cache  # a session per process start: read torch's source once, not at every begin
 def needs_coordesc_fix(method: Any) -> bool:
     """True when ``method`` is the unfixed ``recheck_autotune_cache``; False when it is fixed,
     absent (older torch: no static launcher reload, no bug) or its source cannot be read."""

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bundler.integrations.torch_hooks import Recorder, SharedHooks
+from bundler.integrations.torch_lookups import FX, installed_keys
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +124,17 @@ class DetailsRecorder(Recorder):
     def watching(self) -> bool:
         return bool(self.watched)
 
-    def record(self, key: str, parts: dict[str, str]) -> None:
+    def record(self, key: str, lines: list[str]) -> None:
+        """Keep the components of FX key ``key`` (Inductor's debug ``lines``), parsed only while
+        under the cap: a key is computed on every compile, and a parse is ~640 lines of regex."""
         with self._lock:
-            if key in self._details or len(self._details) < _MAX_RECORDED:
-                # one copy of each name and text: most are the same in every graph (the settings)
-                self._details[key] = {self._texts.setdefault(name, name): self._texts.setdefault(text, text)
-                                      for name, text in parts.items()}
+            if key not in self._details and len(self._details) >= _MAX_RECORDED:
+                return
+        parts = components(lines)
+        with self._lock:
+            # one copy of each name and text: most are the same in every graph (the settings)
+            self._details[key] = {self._texts.setdefault(name, name): self._texts.setdefault(text, text)
+                                  for name, text in parts.items()}
 
     def details(self) -> dict[str, dict[str, str]]:
         with self._lock:
@@ -153,7 +159,7 @@ def _wrap(deliver: Any) -> tuple[Any, bool]:
         try:
             if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str) \
                     and isinstance(result[1], list):
-                deliver(result[0], components(result[1]))  # once, for every recorder
+                deliver(result[0], result[1])  # each recorder parses what it keeps
         except Exception:  # noqa: BLE001, S110 - recording is a courtesy; the key is returned as is
             pass
         return result
@@ -243,8 +249,8 @@ class Bundled:
     """A bundle's ``fx_key_details``, read back: the components shared by every graph, and each
     graph's own."""
 
-    def __init__(self, common: dict[str, str], graphs: dict[str, dict[str, str]], omitted: int = 0) -> None:
-        self.common, self.graphs, self.omitted = common, graphs, omitted
+    def __init__(self, common: dict[str, str], graphs: dict[str, dict[str, str]]) -> None:
+        self.common, self.graphs = common, graphs
 
     def components(self, key: str) -> dict[str, str]:
         return {**self.common, **self.graphs[key]}
@@ -267,8 +273,7 @@ def read_details(raw: Any) -> Bundled | None:
 
         common = parts(raw["common"])
         graphs = {str(key): parts(own) for key, own in raw["graphs"].items() if isinstance(own, dict)}
-        omitted = raw.get("omitted", 0)
-        return Bundled(common, graphs, omitted if isinstance(omitted, int) else 0)
+        return Bundled(common, graphs)
     except Exception as exc:  # noqa: BLE001 - a malformed field explains nothing; it never fails the job
         log.debug("unreadable fx_key_details in the ref: %s: %s", type(exc).__name__, exc)
         return None
@@ -471,7 +476,7 @@ def explain_misses(missed: Mapping[str, Mapping[str, str]], bundled: Bundled | N
             continue
         other, diffs = found
         explained += 1
-        for name in dict.fromkeys(name for name, _, _ in diffs):
+        for name, _, _ in diffs:  # differences() names each component once
             named[name] = named.get(name, 0) + 1
         if not diffs:
             line = (f"torch compile cache: FX graph {key[:8]} missed; nearest bundled graph {other[:8]} "
@@ -505,8 +510,6 @@ def for_ref(members: Iterable[str], recorder: DetailsRecorder | None, bundled: B
     """``extra["fx_key_details"]`` for a push of ``members``: the components this process recorded,
     then those the installed bundle carried, of the FX graphs the pushed bundle holds."""
     try:
-        from bundler.integrations.torch_lookups import FX, installed_keys
-
         keys = installed_keys(members)[FX]
         ours = recorder.details() if recorder is not None else {}
         return ref_details(keys, ours, bundled.as_sources() if bundled is not None else {})
@@ -519,8 +522,6 @@ def explain_session(recorder: DetailsRecorder | None, present: Iterable[str], bu
     """Explain the FX graphs this process computed whose keys were not in the cache before its
     compiles (``present``: the member names there then, the installed bundle's among them)."""
     try:
-        from bundler.integrations.torch_lookups import FX, installed_keys
-
         if recorder is None:
             return ""
         there = installed_keys(present)[FX]

@@ -181,29 +181,32 @@ def _read_refs(store: Store) -> Iterable[RefEntry]:
             raw = store.read_bytes(info.key)
         except NotFoundError:
             continue  # deleted since the listing
-        yield RefEntry(name, raw_digest(raw), info.modified, hashlib.sha256(raw).hexdigest(), raw_also(raw))
+        doc = _document(raw)
+        yield RefEntry(name, _digest_of(doc), info.modified, hashlib.sha256(raw).hexdigest(), _also_of(doc))
 
 
-def raw_digest(raw: bytes) -> str | None:
-    """The digest a ref document names, unverified; None when it names none we can read."""
-    try:
-        doc = json.loads(raw)
-        return layout.check_digest(doc["digest"]) if isinstance(doc, Mapping) else None
-    except (ValueError, KeyError, TypeError, ConfigError):
-        return None
-
-
-def raw_also(raw: bytes) -> tuple[str, ...]:
-    """The digests of the other bundles a ref document needs (:func:`refs.linked_bundles`), unverified.
-
-    A torch ref keeps its precompiled headers in a bundle of their own; deleting that bundle
-    would turn every warm start of the ref into a header build.
-    """
+def _document(raw: bytes) -> Mapping[str, Any] | None:
+    """A ref document parsed once for both readings; None when it is not a JSON object."""
     try:
         doc = json.loads(raw)
     except ValueError:
-        return ()
-    if not isinstance(doc, Mapping):
+        return None
+    return doc if isinstance(doc, Mapping) else None
+
+
+def _digest_of(doc: Mapping[str, Any] | None) -> str | None:
+    """The digest a ref document names, unverified; None when it names none we can read."""
+    try:
+        return layout.check_digest(doc["digest"]) if doc is not None else None
+    except (KeyError, TypeError, ConfigError):
+        return None
+
+
+def _also_of(doc: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The other bundles a ref needs (:func:`refs.linked_bundles`): a torch ref keeps its
+    precompiled headers in a bundle of their own, and deleting it would cost every warm start of
+    the ref a header build."""
+    if doc is None:
         return ()
     return tuple(sorted(set(linked_bundles(doc.get("extra"), doc.get("producer")).values())))
 
