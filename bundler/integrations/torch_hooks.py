@@ -9,6 +9,7 @@ replaced whole, so the compile path takes no lock.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -18,6 +19,36 @@ log = logging.getLogger(__name__)
 
 #: ``install(deliver)`` -> (``uninstall()``, what could be watched); raises only if nothing could.
 Installer = Callable[[Callable[..., None]], tuple[Callable[[], None], Any]]
+
+
+def parameters_if(func: Any, leading: tuple[str, ...], where: str) -> list[str] | None:
+    """``func``'s parameter names when they start with ``leading`` (the torch we know), else None.
+
+    A private torch function whose signature changed is not wrapped at all: a wrapper that reads
+    its arguments by position could otherwise record the wrong thing, or break the call.
+    """
+    try:
+        names = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    if names[: len(leading)] != list(leading):
+        log.debug("%s has parameters %s, not %s: not recorded", where, names, leading)
+        return None
+    return names
+
+
+def replace(owner: Any, attr: str, original: Any, wrapper: Any, where: str) -> Callable[[], None]:
+    """Put ``wrapper`` at ``owner.attr``; returns the undo, which restores ``original`` only while
+    the wrapper is still ours (someone who wrapped it again since keeps theirs, which forwards to ours)."""
+    setattr(owner, attr, wrapper)
+
+    def undo() -> None:
+        if owner.__dict__.get(attr) is wrapper:
+            setattr(owner, attr, original)
+        else:
+            log.debug("%s was replaced since it was wrapped; left as it is", where)
+
+    return undo
 
 
 class SharedHooks:

@@ -42,7 +42,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from bundler.integrations.torch_hooks import Recorder, SharedHooks
+from bundler.integrations.torch_hooks import Recorder, SharedHooks, parameters_if, replace
 
 log = logging.getLogger(__name__)
 
@@ -165,31 +165,24 @@ _TARGETS = (
 )
 
 
-@dataclasses.dataclass
-class _Hook:
-    target: _Target
-    owner: Any
-    original: Any  # the raw class attribute (a staticmethod, classmethod or function)
-    wrapper: Any  # what we put in its place
-
-
 def _install(deliver: Callable[[str, str], None]) -> tuple[Callable[[], None], frozenset[str]]:
     """Wrap every target this torch has: how to undo it, and the layers all of whose targets are wrapped."""
-    hooks: list[_Hook] = []
+    undos: list[Callable[[], None]] = []
     failed: set[str] = set()
     for target in _TARGETS:
-        hook = _wrap(target, deliver)
-        if hook is None:
+        undo = _wrap(target, deliver)
+        if undo is None:
             failed.add(target.layer)
         else:
-            hooks.append(hook)
+            undos.append(undo)
     layers = frozenset(target.layer for target in _TARGETS) - failed
     for layer in sorted(failed):
         log.debug("cache lookups of %s not recorded on this torch", _NOUNS[layer])
-    return functools.partial(_uninstall, hooks), layers
+    return functools.partial(_undo_all, undos), layers
 
 
-def _wrap(target: _Target, deliver: Callable[[str, str], None]) -> _Hook | None:
+def _wrap(target: _Target, deliver: Callable[[str, str], None]) -> Callable[[], None] | None:
+    """Wrap one target; its undo, or None where this torch lacks it or has another signature."""
     try:
         owner = getattr(importlib.import_module(target.module), target.owner)
         raw = owner.__dict__[target.attr]
@@ -200,12 +193,9 @@ def _wrap(target: _Target, deliver: Callable[[str, str], None]) -> _Hook | None:
     func = raw.__func__ if isinstance(raw, staticmethod | classmethod) else raw
     if not inspect.isfunction(func) or (kind is classmethod):
         return None
-    try:
-        names = list(inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return None
-    if names[: len(target.params)] != list(target.params):
-        log.debug("%s.%s has parameters %s, not %s: not recorded", target.owner, target.attr, names, target.params)
+    where = f"{target.owner}.{target.attr}"
+    names = parameters_if(func, target.params, where)
+    if names is None:
         return None
     layer = target.layer
     if target.read == "key":
@@ -230,9 +220,7 @@ def _wrap(target: _Target, deliver: Callable[[str, str], None]) -> _Hook | None:
             finally:
                 _deliver_record(self, layer, deliver)
 
-    replacement = staticmethod(wrapper) if kind is staticmethod else wrapper
-    setattr(owner, target.attr, replacement)
-    return _Hook(target, owner, raw, replacement)
+    return replace(owner, target.attr, raw, staticmethod(wrapper) if kind is staticmethod else wrapper, where)
 
 
 def _deliver_record(cache: Any, layer: str, deliver: Callable[[str, str], None]) -> None:
@@ -244,12 +232,9 @@ def _deliver_record(cache: Any, layer: str, deliver: Callable[[str, str], None])
         pass
 
 
-def _uninstall(hooks: list[_Hook]) -> None:
-    for hook in reversed(hooks):
-        if hook.owner.__dict__.get(hook.target.attr) is hook.wrapper:
-            setattr(hook.owner, hook.target.attr, hook.original)
-        else:  # wrapped again by someone else since: leave theirs (ours forwards to the original)
-            log.debug("%s.%s was replaced since it was wrapped; left as it is", hook.target.owner, hook.target.attr)
+def _undo_all(undos: list[Callable[[], None]]) -> None:
+    for undo in reversed(undos):
+        undo()
 
 
 LookupRecorder.hooks = SharedHooks(_install, nothing=frozenset())

@@ -38,7 +38,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from bundler.integrations.torch_hooks import Recorder, SharedHooks
+from bundler.integrations.torch_hooks import Recorder, SharedHooks, parameters_if, replace
 from bundler.integrations.torch_lookups import FX, installed_keys
 
 log = logging.getLogger(__name__)
@@ -143,15 +143,14 @@ class DetailsRecorder(Recorder):
 
 def _wrap(deliver: Any) -> tuple[Any, bool]:
     """Wrap ``compiled_fx_graph_hash`` where this torch has the one we know: (undo, whether wrapped)."""
+    where = f"{_MODULE}.{_ATTR}"
     try:
         module = importlib.import_module(_MODULE)
         func = module.__dict__[_ATTR]
-        names = list(inspect.signature(func).parameters)
     except Exception as exc:  # noqa: BLE001 - absent in this torch
-        log.debug("no %s.%s: %s", _MODULE, _ATTR, exc)
+        log.debug("no %s: %s", where, exc)
         return _nothing_to_undo, False
-    if not inspect.isfunction(func) or names[: len(_PARAMS)] != list(_PARAMS):
-        log.debug("%s.%s has parameters %s, not %s: not recorded", _MODULE, _ATTR, names, _PARAMS)
+    if not inspect.isfunction(func) or parameters_if(func, _PARAMS, where) is None:
         return _nothing_to_undo, False
 
     def compiled_fx_graph_hash(*args: Any, **kwargs: Any) -> Any:
@@ -166,15 +165,7 @@ def _wrap(deliver: Any) -> tuple[Any, bool]:
 
     compiled_fx_graph_hash.__wrapped__ = func  # type: ignore[attr-defined]
     compiled_fx_graph_hash.__doc__ = func.__doc__
-    setattr(module, _ATTR, compiled_fx_graph_hash)
-
-    def undo() -> None:
-        if module.__dict__.get(_ATTR) is compiled_fx_graph_hash:
-            setattr(module, _ATTR, func)
-        else:  # wrapped again by someone else since: leave theirs (ours forwards to the original)
-            log.debug("%s.%s was replaced since it was wrapped; left as it is", _MODULE, _ATTR)
-
-    return undo, True
+    return replace(module, _ATTR, func, compiled_fx_graph_hash, where), True
 
 
 def _nothing_to_undo() -> None:
