@@ -15,12 +15,18 @@ stack, compile included; for the bundle phase the session's begin is counted in)
 own counters: FX graph and AOTAutograd cache hits and misses, autotune benchmarks
 (``select_algorithm_*``, ``coordesc_tuning_bench``, ``benchmarking.*``) and Triton compiles.
 
-Run: ``python benchmarks/bench_torch_gpu.py [--rounds 2] [--blocks 4] [--dim 512]``
+``--cold-plain`` adds a phase 0 per round, the same job with empty caches and no session, and
+reports what the cold session cost: cold (its begin and end counted in) / cold-plain. ``--s3``
+serves the store from moto's S3 server on 127.0.0.1 in this process instead of a folder, so the
+session pays what it pays against a bucket (botocore's import and client, HTTP).
+
+Run: ``python benchmarks/bench_torch_gpu.py [--rounds 2] [--blocks 4] [--dim 512] [--cold-plain] [--s3]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -221,6 +227,9 @@ def main() -> None:
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help="also write every phase's report to this file")
+    parser.add_argument("--cold-plain", action="store_true",
+                        help="also run each round's job cold without a session, and report the session's cost")
+    parser.add_argument("--s3", action="store_true", help="a moto S3 server on loopback as the store")
     parser.add_argument("--profile-begin", action="store_true",
                         help="cProfile the session's begin in every phase with a store (into its stderr)")
     args = parser.parse_args()
@@ -228,15 +237,34 @@ def main() -> None:
         print("PHASE-REPORT " + json.dumps(job(args), default=str), flush=True)
         return
 
+    with contextlib.ExitStack() as stack:
+        bucket = _s3_bucket(stack) if args.s3 else None
+        _rounds(args, bucket)
+
+
+def _s3_bucket(stack: contextlib.ExitStack) -> str:
+    """A fresh bucket on moto's server (started here, stopped with ``stack``): its store URL stem."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from harness import moto_s3, s3_client
+
+    endpoint = stack.enter_context(moto_s3())
+    s3_client(endpoint).create_bucket(Bucket="gpu-bench")
+    return f"s3://gpu-bench/{{}}?endpoint={endpoint}&addressing=path"
+
+
+def _rounds(args: argparse.Namespace, bucket: str | None) -> None:
     import torch
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.blocks} encoder blocks, "
           f"d={args.dim}, bf16, batch 8 x 256, max-autotune-no-cudagraphs, fwd+bwd", flush=True)
-    rows: dict[str, list[dict]] = {"cold": [], "warm-local": [], "warm-from-bundle": []}
+    rows: dict[str, list[dict]] = {"cold-plain": [], "cold": [], "warm-local": [], "warm-from-bundle": []}
     base = Path(tempfile.mkdtemp(prefix="bundler-gpu-bench-"))
     for n in range(args.rounds):
-        store = (base / f"store{n}").as_uri()
+        store = bucket.format(f"r{n}") if bucket else (base / f"store{n}").as_uri()
         here = base / f"r{n}-a"
+        if args.cold_plain:
+            rows["cold-plain"].append(run_phase("cold-plain", base / f"r{n}-plain", None, args))
+            shutil.rmtree(base / f"r{n}-plain", ignore_errors=True)
         rows["cold"].append(run_phase("cold", here, store, args))
         for _ in range(args.warm_repeat):
             rows["warm-local"].append(run_phase("warm-local", here, None, args))
@@ -255,7 +283,7 @@ def main() -> None:
                     json.dumps({"producer": files_a, "fresh": _tree(there), "new": new_files}, indent=0))
         print(f"  files the bundle phase added: {rows['warm-from-bundle'][-1]['added']}", flush=True)
         for name in rows:
-            for r in rows[name][-(1 if name == "cold" else args.warm_repeat):]:
+            for r in rows[name][-(1 if name.startswith("cold") else args.warm_repeat):]:
                 print(f"round {n} {name:17} first result {r['first_result_s']:7.2f} s (begin {r['begin_s']:.2f}, "
                       f"end {r['end_s']:.2f}) "
                       f"fx {r['fx_hit']}h/{r['fx_miss']}m aot {r['aot_hit']}h/{r['aot_miss']}m "
@@ -269,6 +297,8 @@ def main() -> None:
           "coordesc_tuning_bench |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, reps in rows.items():
+        if not reps:
+            continue
         times = [r["first_result_s"] for r in reps]
         print(f"| {name} | {statistics.median(times):.2f} ({', '.join(f'{t:.2f}' for t in times)}) | "
               f"{[r['fx_miss'] for r in reps]} | {[r['aot_miss'] for r in reps]} | "
@@ -278,6 +308,10 @@ def main() -> None:
     bundle = statistics.median(r["first_result_s"] for r in rows["warm-from-bundle"])
     print(f"\nwarm-from-bundle / warm-local = {bundle / local:.2f}x; "
           f"cold / warm-from-bundle = {statistics.median(r['first_result_s'] for r in rows['cold']) / bundle:.1f}x")
+    if rows["cold-plain"]:
+        costs = [(c["first_result_s"] + c["end_s"]) / p["first_result_s"]  # first result counts begin
+                 for c, p in zip(rows["cold"], rows["cold-plain"], strict=True)]
+        print(f"cold session incl. begin and end / cold-plain, every round: {', '.join(f'{c:.3f}x' for c in costs)}")
     if os.environ.get("BENCH_OUT") and not args.json_out:
         args.json_out = str(Path(os.environ["BENCH_OUT"], "rows.json"))
     if args.json_out:
