@@ -220,7 +220,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warm-repeat", type=int, default=1,
-                        help="warm-local and warm-from-bundle runs per cold run (each in a fresh process)")
+                        help="warm-local and warm-from-bundle runs per cold run (each in a fresh process; "
+                             "0: only the cold phases)")
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--model", choices=["transformer", "mlp"], default="transformer")
@@ -281,7 +282,8 @@ def _rounds(args: argparse.Namespace, bucket: str | None) -> None:
             if os.environ.get("BENCH_OUT"):
                 Path(os.environ["BENCH_OUT"], f"r{n}-{k}-trees.json").write_text(
                     json.dumps({"producer": files_a, "fresh": _tree(there), "new": new_files}, indent=0))
-        print(f"  files the bundle phase added: {rows['warm-from-bundle'][-1]['added']}", flush=True)
+        if args.warm_repeat:
+            print(f"  files the bundle phase added: {rows['warm-from-bundle'][-1]['added']}", flush=True)
         for name in rows:
             for r in rows[name][-(1 if name.startswith("cold") else args.warm_repeat):]:
                 print(f"round {n} {name:17} first result {r['first_result_s']:7.2f} s (begin {r['begin_s']:.2f}, "
@@ -291,7 +293,10 @@ def _rounds(args: argparse.Namespace, bucket: str | None) -> None:
                       f"{r['autotune'].get('coordesc_tuning_bench', 0)} status {r['status']}", flush=True)
                 if r.get("fetch_timings"):
                     print(f"    {r['fetch_timings']}", flush=True)
-        print(f"  bundle summary: {rows['warm-from-bundle'][-1]['summary']}", flush=True)
+        if args.warm_repeat:
+            print(f"  bundle summary: {rows['warm-from-bundle'][-1]['summary']}", flush=True)
+        else:
+            print(f"  cold summary: {rows['cold'][-1]['summary']}", flush=True)
         shutil.rmtree(base / f"r{n}-a.away", ignore_errors=True)
     print("\n| phase | first result, s (median; all runs) | FX misses | AOT misses | kernels re-tuned | "
           "coordesc_tuning_bench |")
@@ -304,10 +309,11 @@ def _rounds(args: argparse.Namespace, bucket: str | None) -> None:
               f"{[r['fx_miss'] for r in reps]} | {[r['aot_miss'] for r in reps]} | "
               f"{[len(r['retuned']) for r in reps]} | "
               f"{[r['autotune'].get('coordesc_tuning_bench', 0) for r in reps]} |")
-    local = statistics.median(r["first_result_s"] for r in rows["warm-local"])
-    bundle = statistics.median(r["first_result_s"] for r in rows["warm-from-bundle"])
-    print(f"\nwarm-from-bundle / warm-local = {bundle / local:.2f}x; "
-          f"cold / warm-from-bundle = {statistics.median(r['first_result_s'] for r in rows['cold']) / bundle:.1f}x")
+    if args.warm_repeat:
+        local = statistics.median(r["first_result_s"] for r in rows["warm-local"])
+        bundle = statistics.median(r["first_result_s"] for r in rows["warm-from-bundle"])
+        print(f"\nwarm-from-bundle / warm-local = {bundle / local:.2f}x; "
+              f"cold / warm-from-bundle = {statistics.median(r['first_result_s'] for r in rows['cold']) / bundle:.1f}x")
     if rows["cold-plain"]:
         costs = [(c["first_result_s"] + c["end_s"]) / p["first_result_s"]  # first result counts begin
                  for c, p in zip(rows["cold"], rows["cold-plain"], strict=True)]
