@@ -80,6 +80,7 @@ def main() -> None:
             cold_cost.append((
                 (cold["begin_s"] + cold["first_call_s"] + cold["end_s"]) / plain["first_call_s"],
                 cold["cpu_self_s"] - plain["cpu_self_s"],
+                cold["cpu_main_s"] - plain["cpu_main_s"],
             ))
             local = job(here, None, extra)
             here.rename(base / f"r{round_}-a.away")
@@ -113,7 +114,8 @@ def main() -> None:
     print(f"cold incl. begin and end / cold-plain, every round: "
           f"{', '.join(f'{c[0]:.3f}x' for c in cold_cost)} (median {statistics.median(c[0] for c in cold_cost):.3f}x); "
           f"CPU the session added in the job's process (not its compiler children): "
-          f"{', '.join(f'{c[1]:+.2f}' for c in cold_cost)} s")
+          f"{', '.join(f'{c[1]:+.2f}' for c in cold_cost)} s, of which on the job's thread "
+          f"{', '.join(f'{c[2]:+.2f}' for c in cold_cost)} s")
     print("\n".join(notes))
 
 

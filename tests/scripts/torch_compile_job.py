@@ -115,6 +115,7 @@ def main() -> int:
         # CPU of this process's own threads (not the compiler children): what a session adds
         # shows here with far less noise than in wall time on a shared machine.
         "cpu_self_s": round(_cpu_self_s(), 3),
+        "cpu_main_s": round(time.thread_time(), 3),  # this (the job's) thread alone
         "cpp_builds": builds,
         "inductor": dict(counters["inductor"]),
         "aot_autograd": dict(counters["aot_autograd"]),
