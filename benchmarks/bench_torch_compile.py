@@ -66,7 +66,7 @@ def main() -> None:
                                                      "warm-from-bundle": []}
     session_cost: list[float] = []
     # (cold job incl. its end) / cold-plain, and the CPU the session's threads added (seconds)
-    cold_cost: list[tuple[float, float]] = []
+    cold_cost: list[tuple[float, float, float]] = []
     notes: list[str] = []
     with moto_s3() as endpoint:
         for round_ in range(args.repeat):
@@ -74,8 +74,12 @@ def main() -> None:
             s3_client(endpoint).create_bucket(Bucket=bucket)
             url = f"s3://{bucket}/caches?endpoint={endpoint}&addressing=path"
             here, there = base / f"r{round_}-a", base / f"r{round_}-b"
-            plain = job(base / f"r{round_}-plain", None, extra)
-            cold = job(here, url, extra)
+            if round_ % 2:  # alternate which of the two cold jobs runs first: no order bias
+                cold = job(here, url, extra)
+                plain = job(base / f"r{round_}-plain", None, extra)
+            else:
+                plain = job(base / f"r{round_}-plain", None, extra)
+                cold = job(here, url, extra)
             session_cost.append((cold["begin_s"] + cold["end_s"]) / (cold["begin_s"] + cold["first_call_s"]))
             cold_cost.append((
                 (cold["begin_s"] + cold["first_call_s"] + cold["end_s"]) / plain["first_call_s"],
