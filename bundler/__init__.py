@@ -7,7 +7,6 @@ first touched.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -42,6 +41,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'bundler' has no attribute {name!r}")
+    import importlib  # here, not at the top: most processes never ask for a lazy name
+
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -59,6 +59,8 @@ def is_group_file(name: str) -> bool:
 def _child_name(path: object) -> str | None:
     if not isinstance(path, str):
         return None
+    if "/" not in path and "\\" not in path:  # a bundle's own form: a bare name (nearly every call)
+        return None if path in ("", ".", "..") else path
     path = path.replace("\\", "/")
     if ".." in path.split("/"):
         return None  # not something Triton writes; normpath would quietly turn "a/b/.." into "a"
@@ -98,7 +100,8 @@ def to_portable(data: bytes) -> bytes:
 
 def to_local(data: bytes, directory: str | Path) -> bytes:
     """Group file bytes with each child placed in ``directory`` (where the group file lives)."""
-    return _rewrite(data, lambda name: os.path.join(os.fspath(directory), name))
+    folder = os.fspath(directory)  # once per group file, not per child: 180 group files an unpack
+    return _rewrite(data, lambda name: os.path.join(folder, name))
 
 
 class GroupFileRewriter:

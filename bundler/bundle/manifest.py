@@ -49,8 +49,10 @@ _MAX_NUMBER_DIGITS = 20
 #: each costing 50-60 bytes parsed, so this caps parsed memory near 8x the manifest's size.
 _BYTES_PER_VALUE = 8
 _VALUE_SLACK = 4096
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Patterns, compiled by ``re`` on first use: only malformed or unusual manifests need them, and
+# compiling both at import cost every command 0.3 ms.
+_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
+_SHA256 = r"[0-9a-f]{64}"
 
 
 class Record:
@@ -137,12 +139,16 @@ class Manifest(Record):
         kept = self.__dict__.get("_encoded")
         if kept is not None and kept[0] == producer:
             return kept[1]  # type: ignore[no-any-return]
-        doc = {
-            "format": self.format,
-            "producer": producer,
-            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
-        }
-        data = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        files = _encode_files(self.files)
+        if files is None:
+            doc = {
+                "format": self.format,
+                "producer": producer,
+                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
+            }
+            data = _dumps(doc).encode()
+        else:
+            data = f'{{"files":[{files}],"format":{_dumps(self.format)},"producer":{_dumps(producer)}}}'.encode()
         self.__dict__["_encoded"] = (producer, data)
         return data
 
@@ -158,6 +164,32 @@ class Manifest(Record):
             "total_size": self.total_size,
             "producer": dict(self.producer),
         }
+
+
+def _dumps(value: object) -> str:
+    """The canonical JSON text of ``value``: sorted keys, no spaces, text as it is (UTF-8 later)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+#: One file entry exactly as ``_dumps`` writes it: keys in sorted order, strings already quoted.
+_FILE_ENTRY = '{"path":%s,"sha256":%s,"size":%d}'
+
+
+def _encode_files(files: tuple[FileRecord, ...]) -> str | None:
+    """The entries of ``files`` as ``_dumps`` writes them, one string format per entry: 1.7 ms for
+    1,600 files where building and dumping a dict per file took 2.5 or more (once in every pack,
+    and in every unpack, which checks that the manifest it read is canonical). The strings go
+    through the very function ``_dumps`` uses for them; None unless every field is of the exact
+    type this is written for (an int subclass such as ``bool`` is written differently), so that
+    ``_dumps`` writes those.
+    """
+    paths = [f.path for f in files]
+    hashes = [f.sha256 for f in files]
+    sizes = [f.size for f in files]
+    if not (set(map(type, paths)) <= {str} and set(map(type, hashes)) <= {str} and set(map(type, sizes)) <= {int}):
+        return None
+    quote = json.encoder.encode_basestring
+    return ",".join(map(_FILE_ENTRY.__mod__, zip(map(quote, paths), map(quote, hashes), sizes, strict=True)))
 
 
 def extension(path: str) -> str:
@@ -335,7 +367,7 @@ def _check_shape(data: bytes) -> None:
     def values(text: bytes) -> int:
         return text.count(b"[") + text.count(b",") + text.count(b":")
 
-    if values(data) > limit and values(_STRING.sub(b"", data)) > limit:
+    if values(data) > limit and values(re.sub(_STRING, b"", data)) > limit:
         raise ManifestError(
             f"{MANIFEST_NAME} holds far more JSON values than a manifest of {len(data)} bytes can; "
             "it was not written by kernel-bundler"
@@ -358,7 +390,7 @@ def _entry(item: object, index: int) -> FileRecord:
         and type(size) is int
         and size >= 0
         and isinstance(sha256, str)
-        and _SHA256.fullmatch(sha256)
+        and re.fullmatch(_SHA256, sha256)
     ):
         shown = {k: v if isinstance(v, int) else f"{type(v).__name__}" for k, v in item.items() if k != "path"}
         raise ManifestError(
@@ -367,6 +399,37 @@ def _entry(item: object, index: int) -> FileRecord:
         )
     check_path(path)
     return FileRecord(path, size, sha256)
+
+
+def _records(files: list) -> list[FileRecord]:
+    """The ``files`` entries as records: what :func:`_entry` on each gives, errors included.
+
+    The entries of a manifest we wrote pass every check, so they are checked a field at a time
+    for all entries at once, in C-speed set and string operations: 3.4 ms instead of 4.5 for
+    1,600 files, in manifest decoding, which no file can be written before. Any doubt, and the
+    entry-by-entry loop runs: it finds the first bad entry and words the error. Paths are
+    checked last, in entry order, so the first one refused is the one the loop would refuse.
+    """
+    try:
+        paths = [item["path"] for item in files]
+        sizes = [item["size"] for item in files]
+        hashes = [item["sha256"] for item in files]
+    except (KeyError, TypeError):  # an entry that is not an object, or lacks a field
+        return [_entry(item, index) for index, item in enumerate(files)]
+    if not (
+        files
+        and set(map(type, files)) == {dict}
+        and set(map(type, paths)) == {str}
+        and set(map(type, sizes)) == {int}
+        and min(sizes) >= 0
+        and set(map(type, hashes)) == {str}
+        and set(map(len, hashes)) == {64}
+        and not "".join(hashes).strip("0123456789abcdef")
+    ):
+        return [_entry(item, index) for index, item in enumerate(files)]
+    for path in paths:
+        check_path(path)
+    return list(map(FileRecord, paths, sizes, hashes))
 
 
 def decode(data: bytes, *, max_members: int) -> Manifest:
@@ -403,9 +466,10 @@ def decode(data: bytes, *, max_members: int) -> Manifest:
         )
     if not all(isinstance(v, str) and _is_unicode(k) and _is_unicode(v) for k, v in producer.items()):
         raise ManifestError(f"{MANIFEST_NAME} has a producer fact that is not a text string")
-    records = [_entry(item, index) for index, item in enumerate(files)]
+    records = _records(files)
     manifest = Manifest(files=tuple(records), producer=producer, format=version)
-    if [r.path for r in records] != sorted(r.path for r in records):
+    paths = [r.path for r in records]
+    if paths != sorted(paths):
         raise ManifestError(
             f"{MANIFEST_NAME} files are not sorted by path; it was not written by kernel-bundler"
         )

@@ -54,7 +54,6 @@ import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
 
 from bundler.errors import LocalCacheError, UnsafeMemberError
 from bundler.fileio import HOST, REAL_OPS, FileOps, owner_is_gone
@@ -115,14 +114,20 @@ class Staged:
         return os.path.join(self._root, self._staging, _TREE, self.name)
 
 
-class _Entry(NamedTuple):
-    """One file to move singly, as checked."""
+class _Entry:
+    """One file to move singly, as checked.
 
-    root: _Root
-    folder: str  # below the root, as the bundle names it ("" for the root itself)
-    name: str
-    rel: str
-    old_mode: int | None  # permission bits of the regular file it replaces, if any
+    A plain class: a ``typing.NamedTuple`` is built at import, 0.5 ms of every ``bundler unpack``.
+    """
+
+    __slots__ = ("root", "folder", "name", "rel", "old_mode")
+
+    def __init__(self, root: _Root, folder: str, name: str, rel: str, old_mode: int | None) -> None:
+        self.root = root
+        self.folder = folder  # below the root, as the bundle names it ("" for the root itself)
+        self.name = name
+        self.rel = rel
+        self.old_mode = old_mode  # permission bits of the regular file it replaces, if any
 
 
 class Placement:

@@ -76,7 +76,10 @@ class _Source:
         self._reader = dctx.stream_reader(
             self._compressed, read_size=_CHUNK, read_across_frames=True, closefd=False
         )
-        self._view = memoryview(b"")
+        self._chunk = bytearray()
+        self._end = 0  # the bytes of ``_chunk`` that hold data (a reused buffer is not all data)
+        self._view = memoryview(b"")  # always the unread end of ``_chunk[:_end]``
+        self._pool: list[bytearray] = []  # chunk buffers, least recently used first
         self._done = False
         self._ratio = settings.max_ratio
         self._expanded = 0
@@ -84,22 +87,49 @@ class _Source:
     def _next(self) -> bool:
         if self._done:
             return False
+        self._view = memoryview(b"")  # our own hold on the spent buffer, let go before reuse
+        chunk = self._free_buffer()
         try:
-            chunk = self._reader.read(_CHUNK)
+            size = self._reader.readinto(chunk)
         except zstandard.ZstdError as exc:
             raise NotABundleError(f"not a valid zstd stream: {exc}") from exc
-        if not chunk:
+        if not size:
             self._done = True
             return False
-        self._expanded += len(chunk)
+        self._expanded += size
         if self._expanded > _RATIO_FLOOR + self._ratio * self._compressed.count:
             raise LimitExceededError(
                 f"the bundle expands from {self._compressed.count} compressed bytes to over "
                 f"{self._expanded}, more than {self._ratio} times: a decompression bomb, not a cache; "
                 "raise BUNDLER_MAX_RATIO if the bundle is trusted"
             )
-        self._view = memoryview(chunk)
+        self._chunk, self._end = chunk, size
+        self._view = memoryview(chunk)[:size]
         return True
+
+    def _free_buffer(self) -> bytearray:
+        """A chunk buffer that no view points into any more: its consumer is done with its pieces.
+
+        Buffers are reused rather than a new chunk allocated per read: chunks freed by the other
+        thread made the heap grow and shrink, 2,000-3,000 page faults (5 us each here) in every
+        fresh process's unpack of a 71 MB cache. Only a buffer nobody can see is reused, which
+        the bytearray itself tells: it refuses to resize while any memoryview of it lives. The
+        pool holds as many buffers as were ever in use at once, the memory the chunks took
+        before; least recently used first, the one the consumer most likely finished with.
+        """
+        pool = self._pool
+        for index, buffer in enumerate(pool):
+            try:
+                buffer.append(0)
+            except BufferError:  # a view of it is still out there
+                continue
+            del buffer[-1]
+            del pool[index]
+            pool.append(buffer)
+            return buffer
+        buffer = bytearray(_CHUNK)
+        pool.append(buffer)
+        return buffer
 
     def pieces(self, size: int) -> Iterator[memoryview]:
         """Exactly ``size`` bytes as successive views; raises if the stream ends first."""
@@ -121,6 +151,16 @@ class _Source:
         piece = self._view[:size]
         self._view = self._view[size:]
         return piece
+
+    def skip_exact(self, expected: bytes) -> bool:
+        """Pass over ``expected`` if the current chunk goes on with exactly those bytes; else take
+        nothing. One C-speed ``startswith`` on the chunk, with no copy (comparing a memoryview
+        slice costs ten times as much)."""
+        view = self._view
+        if len(view) >= len(expected) and self._chunk.startswith(expected, self._end - len(view), self._end):
+            self._view = view[len(expected) :]
+            return True
+        return False
 
     def skip(self, size: int) -> None:
         """Pass over ``size`` bytes (tar padding) without copying them out."""
@@ -231,24 +271,23 @@ def events(stream: BinaryIO, settings: Settings, expected_digest: str | None = N
     src = _Source(stream, settings)
     man = _manifest(src, settings, expected_digest)
     yield MANIFEST, man
+    file_header = tarformat.file_header
     for record in manifest.stream_order(man):
-        header = _member_header(src, record.path)
-        if header is None:
-            raise IntegrityError(f"member {record.path!r} is listed in the manifest but missing from the bundle")
-        if header.name != record.path:
-            raise _unexpected(header.name, man)
-        if header.size != record.size:
-            raise IntegrityError(
-                f"member {record.path!r} is {header.size} bytes in the tar but {record.size} in the manifest"
-            )
+        size = record.size
+        # A bundle we wrote holds, for this record, exactly the header our writer makes for it,
+        # and those bytes pass every check of the full parse. Comparing them is ~8 us a member
+        # cheaper than parsing: events() over the 1,595-file benchmark cache took 73 ms, not 95.
+        # Any other header, hostile or merely another writer's, is parsed and judged in full.
+        if not src.skip_exact(file_header(record.path, size)):
+            _check_header(src, record, man)
         yield BEGIN, record
-        whole = src.take(record.size) if record.size else None
+        whole = src.take(size) if size else None
         if whole is not None:
             yield DATA, whole
         else:
-            for piece in src.pieces(record.size):
+            for piece in src.pieces(size):
                 yield DATA, piece
-        src.skip(tarformat.padding(record.size))
+        src.skip(tarformat.padding(size))
         yield END, record
     header = _member_header(src, "end of archive")
     if header is not None:
@@ -256,6 +295,19 @@ def events(stream: BinaryIO, settings: Settings, expected_digest: str | None = N
     src.read(tarformat.BLOCK)  # the second end-of-archive block
     if not src.rest_is_zero(_MAX_TRAILING_ZEROS):
         raise NotABundleError("the bundle has data after the end of the tar archive")
+
+
+def _check_header(src: _Source, record: FileRecord, man: Manifest) -> None:
+    """Read and check the header of the member the manifest's order expects next: ``record``."""
+    header = _member_header(src, record.path)
+    if header is None:
+        raise IntegrityError(f"member {record.path!r} is listed in the manifest but missing from the bundle")
+    if header.name != record.path:
+        raise _unexpected(header.name, man)
+    if header.size != record.size:
+        raise IntegrityError(
+            f"member {record.path!r} is {header.size} bytes in the tar but {record.size} in the manifest"
+        )
 
 
 def check_hash(record: FileRecord, digest: hashlib._Hash) -> None:

@@ -89,9 +89,28 @@ def _header(name: bytes, size: int, typeflag: bytes) -> bytes:
     return front + b"%06o\0 " % checksum(front + b"        " + back) + back
 
 
+#: The byte sum of a plain file header less its name and size fields (the checksum field counted
+#: as spaces, as the checksum rule says): the part of the checksum that never changes.
+_PLAIN_SUM = sum(_MODE_UID_GID + _MTIME + b"        " + b"0" + _AFTER_TYPEFLAG)
+_PLAIN_BACK = b"0" + _AFTER_TYPEFLAG
+
+
 def file_header(path: str, size: int) -> bytes:
-    """Header block(s) for a regular file: fixed mode, owner and mtime, so output is deterministic."""
+    """Header block(s) for a regular file: fixed mode, owner and mtime, so output is deterministic.
+
+    Once per member when packing, and again when unpacking (the reader compares the header it
+    reads against this one), so the common header, an ASCII name of at most 100 bytes and a size
+    the ustar field holds, is built from the two fields that vary: ~2 us instead of ~5 (checksum of the whole block).
+    Its checksum is the fixed part's byte sum plus the two fields': Adler-32's low half is one
+    plus the byte sum while that stays under 65521, which 112 bytes always do.
+    """
     name = path.encode("utf-8", "surrogateescape")
+    if len(name) <= 100 and 0 <= size <= _MAX_USTAR_SIZE and name.isascii():
+        size_field = b"%011o\0" % size
+        total = _PLAIN_SUM + (zlib.adler32(name + size_field) & 0xFFFF) - 1
+        return b"".join(
+            (name.ljust(100, b"\0"), _MODE_UID_GID, size_field, _MTIME, b"%06o\0 " % total, _PLAIN_BACK)
+        )
     records = b""
     if len(name) > 100 or not name.isascii():
         records += _pax_record("path", path)
