@@ -4,6 +4,10 @@ Whole commands (interpreter start included) and the library calls in-process, de
 tmpfs. Every round runs each variant once, ours and the baseline side by side, so load on a shared
 machine hits both alike; the table gives each variant's median over the rounds and its spread
 (fastest-slowest), and the ratio of the medians (baseline / ours: above 1 means bundler is faster).
+Both are also compared with what gives a user bundler's guarantee with tar: ``sha256sum`` of every
+file next to ``tar | zstd`` (bundler's manifest holds every file's hash), and ``zstd -dc | tar -x``
+followed by ``sha256sum -c`` (tar checks nothing; bundler refuses a bundle unless every byte
+matches its manifest).
 
 Usage: ``python benchmarks/bench_archive.py [--repeat N] [--corpus max-autotune,synthetic,real]
 [--only unpack|pack]``.
@@ -89,6 +93,9 @@ def bench(label: str, src: Path, rounds: int, only: str | None) -> list[str]:
     mb = nbytes / 1e6
     subprocess.run([*BUNDLER, "pack", str(src), "-o", str(ours_file)], check=True, stdout=subprocess.DEVNULL)
     shell(f"tar -C {src} -cf - . | zstd -q -T0 -3 > {theirs_file}")
+    # What a user who wants what bundler guarantees (every byte checked) would add to tar: sha256sum.
+    sums = work / "SHA256SUMS"
+    shell(f"cd {src} && find . -type f -print0 | xargs -0 sha256sum > {sums}")
 
     def fresh_dest() -> None:
         shutil.rmtree(dest, ignore_errors=True)
@@ -119,6 +126,9 @@ def bench(label: str, src: Path, rounds: int, only: str | None) -> list[str]:
                 "raw": (fresh_dest, command("unpack", str(ours_file), "--into", str(dest), "--raw")),
                 "lib": (fresh_dest, unpack_lib),
                 "base": (fresh_dest, lambda: shell(f"zstd -q -dc {theirs_file} | tar -C {dest} -xf -")),
+                "checked": (fresh_dest, lambda: shell(
+                    f"zstd -q -dc {theirs_file} | tar -C {dest} -xf - && cd {dest} && sha256sum --quiet --strict -c {sums}"
+                )),
             },
             rounds,
         )
@@ -126,6 +136,9 @@ def bench(label: str, src: Path, rounds: int, only: str | None) -> list[str]:
             line("`archive.unpack` in-process", s["lib"], s["base"], mb),
             line("`bundler unpack`", s["cmd"], s["base"], mb),
             line("`bundler unpack --raw`", s["raw"], s["base"], mb),
+            "| against `zstd -dc \\| tar -x` then `sha256sum -c` (every file checked, as bundler does): | | | | |",
+            line("`archive.unpack` in-process", s["lib"], s["checked"], mb),
+            line("`bundler unpack`", s["cmd"], s["checked"], mb),
         ]
     if only in (None, "pack"):
         s = interleaved(
@@ -136,12 +149,19 @@ def bench(label: str, src: Path, rounds: int, only: str | None) -> list[str]:
                 ),
                 "lib": (nothing, lambda: archive.pack(src, io.BytesIO())),
                 "base": (nothing, lambda: shell(f"tar -C {src} -cf - . | zstd -q -T0 -3 > {theirs_file}")),
+                "checked": (nothing, lambda: shell(
+                    f"cd {src} && find . -type f -print0 | xargs -0 sha256sum > {sums}.new "
+                    f"&& tar -cf - . | zstd -q -T0 -3 > {theirs_file}"
+                )),
             },
             rounds,
         )
         out += [
             line("`archive.pack` in-process", s["lib"], s["base"], mb),
             line("`bundler pack`", s["cmd"], s["base"], mb),
+            "| against `sha256sum` of every file, then `tar \\| zstd -T0 -3` (a manifest of hashes, as bundler writes): | | | | |",
+            line("`archive.pack` in-process", s["lib"], s["checked"], mb),
+            line("`bundler pack`", s["cmd"], s["checked"], mb),
         ]
     return out
 
