@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bundler.errors import ConfigError
+from bundler.frozen import Frozen
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -71,7 +72,7 @@ def _default_triton_cache_dir() -> Path:
     return Path(home) / ".triton" / "cache"
 
 
-class Settings:
+class Settings(Frozen):
     """All knobs, with the environment variable that sets each one.
 
     Storage
@@ -262,45 +263,12 @@ class Settings:
 
     def replace(self, **changes: object) -> Settings:
         """A copy with ``changes`` (``dataclasses.replace``), checked like any new Settings."""
-        return type(self)(**{**self._values(), **changes})  # type: ignore[arg-type]
-
-    # What ``dataclass(frozen=True)`` would generate, from the fields in ``_ENV_NAMES`` (every field
-    # has a variable). Settings does without the dataclass because importing dataclasses (inspect,
-    # ast, dis) and generating the class cost ~30 ms of CPU, a tenth of a ``bundler unpack``:
-    # every command builds Settings.
-
-    def _values(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in _ENV_NAMES}
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is self.__class__:
-            return tuple(self._values().values()) == tuple(other._values().values())  # type: ignore[attr-defined]
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(tuple(self._values().values()))
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{k}={v!r}" for k, v in self._values().items() if k != "signing_key")
-        return f"{type(self).__qualname__}({shown})"
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise _frozen(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise _frozen(f"cannot delete field {name!r}")
+        return type(self)(**{**dict(zip(self._fields, self._values(), strict=True)), **changes})  # type: ignore[arg-type]
 
     @property
     def signing_configured(self) -> bool:
         """True when any signing setting is present: documents read must then be signed."""
         return bool(self.signing_key or self.signing_key_file or self.trusted_keys)
-
-
-def _frozen(message: str) -> Exception:
-    """The error a frozen dataclass raises (imported only on this misuse)."""
-    import dataclasses
-
-    return dataclasses.FrozenInstanceError(message)
 
 
 def _check_signing(settings: Settings) -> None:
@@ -387,6 +355,8 @@ _ENV_NAMES = {
     "torch_backports": "BUNDLER_TORCH_BACKPORTS",
     "log": "BUNDLER_LOG",
 }
+Settings._fields = tuple(_ENV_NAMES)  # every field has a variable: the fields Frozen compares
+Settings._hidden = frozenset({"signing_key"})  # a secret: never in a repr or a log line
 
 _PARSERS = {
     "remote": _opt_str,

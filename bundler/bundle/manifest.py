@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from bundler.errors import ConfigError, LimitExceededError, ManifestError, UnsafeMemberError
+from bundler.frozen import Frozen
 
 if TYPE_CHECKING:  # pragma: no cover
     from bundler.config import Settings
@@ -55,48 +56,7 @@ _STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
 _SHA256 = r"[0-9a-f]{64}"
 
 
-class Record:
-    """What ``dataclass(frozen=True)`` generates, written out: fields set once by ``__init__``,
-    compared, hashed and shown by value, and never assigned again.
-
-    Why not the dataclass: importing ``dataclasses`` (it imports inspect, ast and dis) and
-    generating the classes cost ~30 ms of CPU per ``bundler unpack``, a tenth of the command.
-    Subclasses list their fields in ``_fields`` and set them with ``object.__setattr__``.
-    """
-
-    __slots__ = ()
-    _fields: tuple[str, ...] = ()
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self._fields)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is self.__class__:
-            return self._values() == other._values()  # type: ignore[attr-defined]
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
-        return f"{type(self).__qualname__}({shown})"
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise _frozen(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise _frozen(f"cannot delete field {name!r}")
-
-
-def _frozen(message: str) -> Exception:
-    """The error a frozen dataclass raises (imported only on this misuse)."""
-    import dataclasses
-
-    return dataclasses.FrozenInstanceError(message)
-
-
-class FileRecord(Record):
+class FileRecord(Frozen):
     """One member: its path in the bundle, size in bytes and sha256 (lowercase hex)."""
 
     _fields = ("path", "size", "sha256")
@@ -109,7 +69,7 @@ class FileRecord(Record):
         self.__dict__.update(path=path, size=size, sha256=sha256)
 
 
-class Manifest(Record):
+class Manifest(Frozen):
     """A bundle's contents; ``digest`` is the sha256 of ``encode()``."""
 
     _fields = ("files", "producer", "format")

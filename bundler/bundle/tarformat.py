@@ -130,7 +130,7 @@ def _ascii_stub(name: bytes) -> bytes:
 class Header:
     """One parsed header: ``typeflag`` (``b"0"`` a file, ``b"x"`` pax records), name and size.
 
-    A plain class: a dataclass would make ``bundler unpack`` import dataclasses (see manifest.Record).
+    A plain class: a dataclass would make ``bundler unpack`` import dataclasses (see bundler.frozen).
     """
 
     __slots__ = ("typeflag", "name", "size")

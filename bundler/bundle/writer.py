@@ -25,10 +25,11 @@ from typing import BinaryIO
 import zstandard
 
 from bundler.bundle import manifest, tarformat
-from bundler.bundle.manifest import MANIFEST_NAME, FileRecord, Manifest, Record
+from bundler.bundle.manifest import MANIFEST_NAME, FileRecord, Manifest
 from bundler.bundle.placement import STAGING_PREFIX
 from bundler.config import Settings
 from bundler.errors import BundlerError, LimitExceededError, LocalFileNotFoundError, UnsafeMemberError
+from bundler.frozen import Frozen
 
 Source = Path | str | Mapping[str, Path | str | bytes]
 
@@ -47,7 +48,7 @@ _BATCH = 1 << 20
 _LDM_BUCKET_LOG = 2
 
 
-class PackResult(Record):
+class PackResult(Frozen):
     """What ``pack`` made: the bundle's digest, its manifest and its size in bytes."""
 
     _fields = ("digest", "manifest", "compressed_size")
