@@ -547,6 +547,8 @@ def test_bake_then_warm_start_elsewhere_then_misses_that_say_why(
     assert "never looked up: 0 of 2 FX graphs, 0 of 1 AOT entries" in warm["summary"], warm["summary"]
     assert warm["value"] == pytest.approx(cold["value"])
     assert not (tmp_path / "producer").exists(), "the producer's directory was re-created"
+    #    the reads went through the store helper process: botocore never loaded in the job
+    assert warm["botocore_imported"] is False, warm["stderr"][-3000:]
 
     # 2b. the fetch runs in the background: the first compile starts before the bundle is there
     #     (the download is held until then) and waits for it, so it still hits
@@ -563,6 +565,7 @@ def test_bake_then_warm_start_elsewhere_then_misses_that_say_why(
     isa = _job(url, tmp_path / "isa", "--dry", "--no-push", env={"ATEN_CPU_CAPABILITY": "default"})
     assert isa["session"]["status"] == "miss"
     assert "cpu_isa" in isa["session"]["explanation"], isa["session"]["explanation"]
+    assert isa["botocore_imported"] is False  # the lookup and the explanation, through the helper
     assert not (tmp_path / "isa" / "inductor" / "fxgraph").exists()
 
     # 4. another tag: a miss that names the tag

@@ -444,6 +444,7 @@ class CompileCache:
         self._strict = strict
         self._push = push
         self._store = store
+        self._reader: Any = None  # the helper process serving the fetch's reads, if any
         self._background = background
         self._worker: threading.Thread | None = None
         self._pid = os.getpid()
@@ -539,6 +540,7 @@ class CompileCache:
             self._headers_done.set()
             self._finished.set()
             return self
+        self._start_reader()
         from bundler.integrations import torch_gate
 
         # The gate first: it imports compile_fx (and with it what a compile loads) on the job's
@@ -556,6 +558,7 @@ class CompileCache:
             worker.start()
         except RuntimeError as exc:  # "can't start new thread": no fetch, and nothing may wait for one
             log.warning("torch compile cache off: could not start the fetch thread (%s)", exc)
+            self._close_reader()
             self._status, self._reason = "error", str(exc)
             for event in (self._done, self._headers_done, self._finished):
                 event.set()
@@ -648,6 +651,23 @@ class CompileCache:
             self._store = shared_store(self.settings)
         return self._store
 
+    def _start_reader(self) -> None:
+        """Start the helper process that serves this session's reads (:mod:`bundler.stores.proxy`),
+        first thing, so it imports botocore while this process imports Inductor."""
+        from bundler.stores import proxy
+
+        if self._store is None and proxy.wanted(self.settings):  # type: ignore[arg-type]
+            self._reader = proxy.ProxyStore(self.settings)  # type: ignore[arg-type]
+
+    def _open_read_store(self) -> Any:
+        """Where the fetch reads: the helper process when there is one, else the store here."""
+        return self._reader if self._reader is not None else self._open_store()
+
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
     def _fetch(self) -> None:
         """Preflight the ref's facts, then pull, under the store failure policy and wait budget."""
         from bundler.remote import health
@@ -659,7 +679,7 @@ class CompileCache:
         """Runs in ``health.guarded``'s worker: anything it raises is one warning and a compile."""
         from bundler.remote.refs import read_ref
 
-        store = self._open_store()
+        store = self._open_read_store()
         try:
             with self._timed("ref"):
                 found = read_ref(store, self._ref, self.settings)
@@ -739,7 +759,7 @@ class CompileCache:
         from bundler.remote import transfer
 
         assert self.dirs is not None and self.dirs.pch is not None
-        result = transfer.pull(self._open_store(), {PCH: self.dirs.pch}, digest=entry["digest"],
+        result = transfer.pull(self._open_read_store(), {PCH: self.dirs.pch}, digest=entry["digest"],
                                settings=self.settings)
         installed = [record.path for record in result.manifest.files]
         before = self._before.setdefault(PCH, _Snapshot({}))  # pulled files are the start, not builds
@@ -791,6 +811,7 @@ class CompileCache:
             torch_gate.release(self._done)
             torch_gate.release(self._headers_done)
             self.wait(everything=True)  # one bound (the store's budget plus a margin) for all of it
+            self._close_reader()  # every read is done (or given up: that stops it)
             if not (self._done.is_set() and self._finished.is_set()):
                 log.warning("torch compile cache: the bundle fetch is still running at the end of the session; "
                             "not pushing")

@@ -124,6 +124,10 @@ class S3Store(Store):
     def _object(self, key: str) -> S3Object:
         return S3Object(client=self._client, bucket=self.bucket, key=self._full_key(key), ctx=self._ctx)
 
+    def connect(self) -> None:
+        """Build the client now (botocore's import, its models), ahead of the first request."""
+        self._client  # noqa: B018 - the property builds and caches the client
+
     # --- the five primitives -------------------------------------------------------------------
 
     def open_read(self, key: str, *, progress: Progress = NULL_PROGRESS) -> BinaryIO:

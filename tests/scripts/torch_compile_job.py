@@ -116,6 +116,8 @@ def main() -> int:
         # shows here with far less noise than in wall time on a shared machine.
         "cpu_self_s": round(_cpu_self_s(), 3),
         "cpu_main_s": round(time.thread_time(), 3),  # this (the job's) thread alone
+        # The session reads through a helper process: a job that pushed nothing never loads botocore.
+        "botocore_imported": "botocore" in sys.modules,
         "cpp_builds": builds,
         "inductor": dict(counters["inductor"]),
         "aot_autograd": dict(counters["aot_autograd"]),

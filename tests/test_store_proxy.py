@@ -1,0 +1,107 @@
+"""Reads through the store helper process (``bundler.stores.proxy``), over moto's HTTP server.
+
+What users rely on: the same bytes and the same errors as the store itself, botocore never loaded
+in the reading process, and a helper that cannot start or dies costing nothing but a fallback to
+reading in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bundler.config import Settings
+from bundler.errors import ConfigError, NotFoundError, StoreError
+from bundler.stores import open_store
+from bundler.stores.proxy import ProxyStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def filled(s3_server: str) -> str:
+    store = open_store(s3_server)
+    store.write_bytes("refs/a", b'{"digest": "x"}')
+    store.write_bytes("bundles/big", bytes(range(256)) * (12 << 10))  # 3 MiB: several data frames
+    return s3_server
+
+
+def test_reads_give_the_stores_bytes_listing_and_errors(filled: str) -> None:
+    store, proxy = open_store(filled), ProxyStore(Settings(remote=filled))
+    try:
+        assert proxy.read_bytes("refs/a") == store.read_bytes("refs/a")
+        with proxy.open_read("bundles/big") as stream:
+            assert stream.read(10) + stream.read() == store.read_bytes("bundles/big", limit=1 << 30)
+        assert proxy.head("refs/a") == store.head("refs/a")
+        assert proxy.head("refs/none") is None
+        assert [i.key for i in proxy.list("")] == [i.key for i in store.list("")] == ["bundles/big", "refs/a"]
+        with pytest.raises(NotFoundError, match="refs/none"):
+            proxy.read_bytes("refs/none")
+        assert proxy._child is not None  # all of it through the helper, which is still up
+        with pytest.raises(StoreError, match="only reads"):
+            proxy.write_bytes("refs/b", b"")
+    finally:
+        proxy.close()
+
+
+def test_the_reading_process_never_loads_botocore(filled: str) -> None:
+    script = (
+        "import sys\n"
+        "from bundler.config import Settings\n"
+        "from bundler.stores.proxy import ProxyStore\n"
+        f"proxy = ProxyStore(Settings(remote={filled!r}))\n"
+        "data = proxy.read_bytes('refs/a')\n"
+        "print(data.decode(), 'botocore' in sys.modules, proxy._child is not None)\n"
+        "proxy.close()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    assert done.stdout.split() == ['{"digest":', '"x"}', "False", "True"]
+
+
+def test_a_helper_that_dies_mid_object_fails_that_read_then_reads_fall_back(filled: str) -> None:
+    proxy = ProxyStore(Settings(remote=filled))
+    try:
+        with proxy.open_read("bundles/big") as stream:
+            stream.read(1)
+            proxy._child.kill()  # type: ignore[union-attr]
+            with pytest.raises(StoreError, match="stopped"):
+                stream.read()
+        assert proxy.read_bytes("refs/a") == b'{"digest": "x"}'  # in this process now
+        assert proxy._child is None
+    finally:
+        proxy.close()
+
+
+def test_a_helper_gone_between_reads_costs_nothing(filled: str) -> None:
+    proxy = ProxyStore(Settings(remote=filled))
+    try:
+        assert proxy.head("refs/a") is not None
+        proxy._child.kill()  # type: ignore[union-attr]
+        proxy._child.wait()  # type: ignore[union-attr]
+        assert proxy.read_bytes("refs/a") == b'{"digest": "x"}'  # no error: nothing was read yet
+        assert [i.key for i in proxy.list("refs/")] == ["refs/a"]
+    finally:
+        proxy.close()
+
+
+def test_a_helper_that_cannot_start_reads_in_process(filled: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    proxy = ProxyStore(Settings(remote=filled))
+    assert proxy._child is None
+    assert proxy.read_bytes("refs/a") == b'{"digest": "x"}'
+    proxy.close()
+
+
+def test_a_store_the_helper_cannot_open_fails_as_it_would_here(s3_bucket: str, moto_endpoint: str) -> None:
+    url = f"s3://{s3_bucket}/p?endpoint=not-a-url&addressing=path"
+    proxy = ProxyStore(Settings(remote=url))
+    try:
+        with pytest.raises(ConfigError, match="not-a-url"):
+            proxy.read_bytes("refs/a")
+    finally:
+        proxy.close()
