@@ -612,6 +612,20 @@ class CompileCache:
             self._explain()
         finally:
             self._finished.set()
+        self._connect_for_push()
+
+    def _connect_for_push(self) -> None:
+        """After a miss read through the helper process, import botocore here now, while the job
+        compiles (Inductor waits on compile workers and benchmarks much of that time), rather than
+        at the end, which the job waits for: pushes run in this process."""
+        if self._reader is None or not self._push or self._status == "hit":
+            return
+        try:
+            connect = getattr(self._open_store(), "connect", None)
+            if connect is not None:
+                connect()
+        except Exception as exc:  # noqa: BLE001 - the push at the end reports a store it cannot use
+            log.debug("torch compile cache: store not prepared for the push (%s: %s)", type(exc).__name__, exc)
 
     def _prepare(self) -> None:
         """The facts, the ref, the fetch (when a remote is configured) and the snapshot of the cache
