@@ -53,6 +53,25 @@ def test_second_push_skips_the_upload_and_moves_the_ref(store, src, small_settin
     assert [(d, info.size) for d, info in listing.bundles] == [(first.digest, first.size)]
 
 
+def test_a_bundle_gc_deletes_while_a_push_checks_it_is_uploaded_again(store, src, small_settings, monkeypatch):
+    """gc deletes the stored bundle between the push's head and its read of the manifest."""
+    first = transfer.push(store, src, settings=small_settings)
+    key = layout.bundle_key(first.digest)
+    real_open_read = type(store).open_read
+
+    def open_read_after_gc(self, name, **kwargs):  # noqa: ANN001, ANN202
+        if name == key:
+            self.delete(key)
+        return real_open_read(self, name, **kwargs)
+
+    monkeypatch.setattr(type(store), "open_read", open_read_after_gc)
+    again = transfer.push(store, src, ref="after-gc", settings=small_settings)
+    monkeypatch.undo()
+    assert again.digest == first.digest and again.uploaded
+    assert store.exists(key)
+    assert refs.read_ref(store, "after-gc", small_settings).digest == first.digest
+
+
 def test_pull_misses_raise_not_found(store, tmp_path, small_settings):
     with pytest.raises(NotFoundError):
         transfer.pull(store, tmp_path / "d", ref="never-pushed", settings=small_settings)

@@ -31,7 +31,7 @@ from bundler.bundle import reader as bundle_reader
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.placement import Destination, Placement
 from bundler.config import Settings
-from bundler.errors import BundleError, ConfigError
+from bundler.errors import BundleError, ConfigError, NotFoundError
 from bundler.fileio import FileOps, write_atomically
 from bundler.progress import NULL_PROGRESS, Progress
 from bundler.remote import layout, refs
@@ -95,8 +95,13 @@ def upload(
     settings = settings or Settings.from_env()
     key = layout.bundle_key(digest)
     found = store.head(key)
+    damage = None
     if found is not None:
-        damage = _damage(store, key, digest, found.size, size, settings)
+        try:
+            damage = _damage(store, key, digest, found.size, size, settings)
+        except NotFoundError:  # deleted since the head (a concurrent gc): create it, as if absent
+            found = None
+    if found is not None:
         if damage is None and not _stale(found):
             log.info("bundle %s already in %s; not uploading", digest, store.url)
             return False
