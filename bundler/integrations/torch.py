@@ -612,13 +612,17 @@ class CompileCache:
             self._explain()
         finally:
             self._finished.set()
-        self._connect_for_push()
+        # Every read is done: the helper process goes now, not hours later with the session.
+        read_through_helper = self._reader is not None
+        self._close_reader()
+        if read_through_helper:
+            self._connect_for_push()
 
     def _connect_for_push(self) -> None:
         """After a miss read through the helper process, import botocore here now, while the job
         compiles (Inductor waits on compile workers and benchmarks much of that time), rather than
         at the end, which the job waits for: pushes run in this process."""
-        if self._reader is None or not self._push or self._status == "hit":
+        if not self._push or self._status == "hit":
             return
         try:
             connect = getattr(self._open_store(), "connect", None)
