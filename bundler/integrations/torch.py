@@ -625,9 +625,7 @@ class CompileCache:
         if not self._push or self._status == "hit":
             return
         try:
-            connect = getattr(self._open_store(), "connect", None)
-            if connect is not None:
-                connect()
+            self._open_store().connect()
         except Exception as exc:  # noqa: BLE001 - the push at the end reports a store it cannot use
             log.debug("torch compile cache: store not prepared for the push (%s: %s)", type(exc).__name__, exc)
 

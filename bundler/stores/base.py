@@ -102,6 +102,10 @@ class Store(abc.ABC):
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         return self.write(key, io.BytesIO(data), size=len(data), if_absent=if_absent)
 
+    def connect(self) -> None:  # noqa: B027 - optional hook, most stores have nothing to prepare
+        """Do now what the first request would (S3: import botocore, build the client), so a caller
+        can pay for it off its critical path."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release pooled connections; the store must not be used afterwards."""
 

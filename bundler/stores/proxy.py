@@ -294,9 +294,7 @@ def serve() -> None:
         from bundler.stores import open_store
 
         store = open_store(fields["remote"], Settings(**fields))
-        connect = getattr(store, "connect", None)
-        if connect is not None:
-            connect()
+        store.connect()
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which reads in-process then
         _send_json(out, {"error": type(exc).__name__, "message": str(exc)})
         return
