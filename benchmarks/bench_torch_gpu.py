@@ -68,7 +68,7 @@ def job(args: argparse.Namespace) -> dict:
     x = torch.randn(8, 256, args.dim, dtype=torch.bfloat16, device="cuda")
 
     def step() -> float:
-        compiled = torch.compile(model, mode="max-autotune-no-cudagraphs")
+        compiled = torch.compile(model, mode=args.mode)
         out = compiled(x)
         out.float().sum().backward()
         torch.cuda.synchronize()
@@ -180,7 +180,7 @@ def run_phase(phase: str, root: Path, store: str | None, args: argparse.Namespac
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                BUNDLER_CACHE_DIR=str(root / "bundler"), BUNDLER_PULL_BUDGET="120")
     cmd = [sys.executable, __file__, "--phase", phase, "--blocks", str(args.blocks), "--dim", str(args.dim),
-           "--model", args.model] + (["--profile-begin"] if args.profile_begin else [])
+           "--model", args.model, "--mode", args.mode] + (["--profile-begin"] if args.profile_begin else [])
     if store:
         cmd += ["--store", store]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -225,6 +225,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--model", choices=["transformer", "mlp"], default="transformer")
+    parser.add_argument("--mode", default="max-autotune-no-cudagraphs",
+                        help="torch.compile mode; 'default' does no autotuning, so a cold compile's own "
+                             "spread is small enough to see a few percent of session cost")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help="also write every phase's report to this file")
@@ -257,7 +260,7 @@ def _rounds(args: argparse.Namespace, bucket: str | None) -> None:
     import torch
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.blocks} encoder blocks, "
-          f"d={args.dim}, bf16, batch 8 x 256, max-autotune-no-cudagraphs, fwd+bwd", flush=True)
+          f"d={args.dim}, bf16, batch 8 x 256, {args.mode}, fwd+bwd", flush=True)
     rows: dict[str, list[dict]] = {"cold-plain": [], "cold": [], "warm-local": [], "warm-from-bundle": []}
     base = Path(tempfile.mkdtemp(prefix="bundler-gpu-bench-"))
     for n in range(args.rounds):
