@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -174,10 +175,15 @@ def test_signature_names_its_key_id(base, ed_keys) -> None:  # noqa: ANN001
 # --- replay --------------------------------------------------------------------------------------------
 
 
-def test_older_signed_ref_is_refused_after_a_newer_one_was_seen(store, base) -> None:  # noqa: ANN001
+def test_older_signed_ref_is_refused_after_a_newer_one_was_seen(store, base, monkeypatch) -> None:  # noqa: ANN001
     writer = base.replace(signing_key="s3cret", cache_dir=base.cache_dir / "writer")
     reader = base.replace(signing_key="s3cret")
-    refs.write_ref(store, "prod", DIGEST_A, 10, settings=writer)
+    # The old ref was written an hour ago: far outside the slack two concurrent pushes get.
+    hour_ago = time.time_ns() - 3600 * 10**9
+    with monkeypatch.context() as patch:
+        patch.setattr(refs, "_last_version", 0)
+        patch.setattr(refs.time, "time_ns", lambda: hour_ago)
+        refs.write_ref(store, "prod", DIGEST_A, 10, settings=writer)
     old_bytes = store.read_bytes(layout.ref_key("prod"))
     assert refs.read_ref(store, "prod", reader).digest == DIGEST_A
     refs.write_ref(store, "prod", DIGEST_B, 10, settings=writer)
@@ -188,6 +194,49 @@ def test_older_signed_ref_is_refused_after_a_newer_one_was_seen(store, base) -> 
     assert "push the old bundle to the ref again" in str(info.value)
     # The documented limit: a node that never saw the newer ref cannot tell.
     assert refs.read_ref(store, "prod", reader.replace(cache_dir=base.cache_dir / "fresh")).digest == DIGEST_A
+
+
+class _SlowWrites:
+    """A producer whose ref PUT is slow (a retried request, a slow link): it lands on cue."""
+
+    def __init__(self, inner, landed: threading.Event) -> None:  # noqa: ANN001
+        self._inner, self._landed = inner, landed
+        self.floor_read = threading.Event()
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._inner, name)
+
+    def read_bytes(self, key: str, **kwargs) -> bytes:  # noqa: ANN003
+        try:
+            return self._inner.read_bytes(key, **kwargs)
+        finally:
+            self.floor_read.set()
+
+    def write_bytes(self, key: str, data: bytes, **kwargs) -> None:  # noqa: ANN003
+        assert self._landed.wait(10)
+        self._inner.write_bytes(key, data, **kwargs)
+
+
+def test_two_producers_racing_on_one_ref_leave_a_ref_every_node_accepts(store, base) -> None:  # noqa: ANN001
+    """Job A picks its version first but its PUT lands after job B's: the stored ref is A's, with a
+    lower version than B's, which some nodes read in between. Those nodes must accept A's ref, not
+    refuse it as a replay (and run cold while fresh nodes accept it)."""
+    writer = base.replace(signing_key="s3cret", cache_dir=base.cache_dir / "writer")
+    node = base.replace(signing_key="s3cret")
+    release = threading.Event()
+    a_store = _SlowWrites(store, release)
+    slow = threading.Thread(target=refs.write_ref, args=(a_store, "prod", DIGEST_A, 10), kwargs={"settings": writer})
+    slow.start()
+    assert a_store.floor_read.wait(10)  # A has read the stored version...
+    time.sleep(0.05)  # ...and chosen its own (no store call in between to wait on)
+    b = refs.write_ref(store, "prod", DIGEST_B, 10, settings=writer)
+    assert refs.read_ref(store, "prod", node).digest == DIGEST_B
+    release.set()
+    slow.join(10)
+    final = refs.read_ref(store, "prod", node)
+    assert final.digest == DIGEST_A and final.version < b.version
+    # ...and the node still remembers B's version, so a genuinely old ref stays refused.
+    assert refs._read_seen(refs.seen_path(store, "prod", node)) == b.version
 
 
 def test_rollback_by_pushing_again_is_accepted(store, base) -> None:  # noqa: ANN001

@@ -229,8 +229,18 @@ def seen_path(store: Store, name: str, settings: Settings) -> Path:
     return settings.cache_dir / "refs-seen" / ident
 
 
+#: How far below the highest version a node accepted a ref may be and still count as current.
+#: Two producers pushing one ref at once each read the stored version, pick theirs, then PUT: the
+#: one that picked first can land last (a retried PUT, a clock a little behind), leaving a slightly
+#: lower version as the ref everyone now reads. Without this slack, every node that read the other
+#: one in between would refuse the final ref as a replay and run cold, while fresh nodes accept it.
+#: A replay inside the window can only swap between refs signed within minutes of each other.
+CONCURRENT_WRITE_SLACK_NS = 300 * 10**9
+
+
 def _check_not_replayed(ref: Ref, key: str, store: Store, settings: Settings) -> None:
-    """Refuse a version below the highest one accepted here before; remember a higher one.
+    """Refuse a version more than :data:`CONCURRENT_WRITE_SLACK_NS` below the highest one accepted
+    here before; remember a higher one.
 
     Read, compare, write without a lock: two processes racing can at worst store the lower of two
     versions both just accepted, which weakens the check for one ref until the next read; a lock
@@ -239,7 +249,7 @@ def _check_not_replayed(ref: Ref, key: str, store: Store, settings: Settings) ->
     """
     path = seen_path(store, ref.name, settings)
     seen = _read_seen(path)
-    if ref.version < seen:
+    if ref.version < seen - CONCURRENT_WRITE_SLACK_NS:
         raise SignatureError(
             f"ref {key} in {store.url} has version {ref.version}, older than version {seen} already accepted "
             f"on this node: an older signed ref was put back (a replay, or a rollback by copying an old file). "
