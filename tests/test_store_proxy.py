@@ -105,3 +105,75 @@ def test_a_store_the_helper_cannot_open_fails_as_it_would_here(s3_bucket: str, m
             proxy.read_bytes("refs/a")
     finally:
         proxy.close()
+
+
+def test_a_banner_printed_by_the_helpers_interpreter_does_not_break_it(
+    filled: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clusters and conda envs print from ``sitecustomize`` or ``.pth`` files at every start; on
+    the frames' pipe that text would read as a 1.7 GB frame, and every read would hang."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import os\nprint('Hello from site')\nos.write(1, b'raw banner\\n')\n")
+    monkeypatch.syspath_prepend(str(site))
+    proxy = ProxyStore(Settings(remote=filled))
+    try:
+        assert proxy.read_bytes("refs/a") == b'{"digest": "x"}'
+        assert proxy._child is not None  # through the helper, not the in-process fallback
+    finally:
+        proxy.close()
+
+
+def test_a_helper_that_sends_garbage_is_dropped_and_reads_fall_back(filled: str) -> None:
+    proxy = ProxyStore(Settings(remote=filled))
+    try:
+        assert proxy.head("refs/a") is not None
+        fds = list(proxy._fds)
+        child = proxy._child
+        assert child is not None
+        with open(f"/proc/{child.pid}/fd/{child.args[-1]}", "wb") as frames:  # the child's end
+            frames.write(b"Hello")  # what a stray print in the helper would put there
+        assert proxy.read_bytes("refs/a") == b'{"digest": "x"}'
+        assert proxy._child is None and fds != proxy._fds
+    finally:
+        proxy.close()
+
+
+def test_a_helper_gone_before_its_settings_arrive_never_raises(
+    filled: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that exits before the first request makes that write fail (EPIPE): the job's
+    session must not see it, it reads in this process instead."""
+    from bundler.stores import proxy as proxy_module
+
+    def broken_pipe(self: ProxyStore, message: dict) -> None:
+        self._stop()
+        raise proxy_module._gone(self.url, BrokenPipeError(32, "Broken pipe"))
+
+    monkeypatch.setattr(ProxyStore, "_send", broken_pipe)
+    proxy = ProxyStore(Settings(remote=filled))
+    monkeypatch.undo()
+    assert proxy._child is None
+    assert proxy.read_bytes("refs/a") == b'{"digest": "x"}'
+    proxy.close()
+
+
+def test_a_forked_worker_does_not_keep_the_helper_alive(filled: str) -> None:
+    """DataLoader workers fork from the job: they must not hold the helper's stdin open, or a
+    helper of a killed job lives on until the last worker exits."""
+    proxy = ProxyStore(Settings(remote=filled))
+    helper = proxy._child
+    assert proxy.head("refs/a") is not None and helper is not None
+    pid = os.fork()
+    if pid == 0:  # the worker: outlives the job by far
+        import time
+
+        time.sleep(30)
+        os._exit(0)
+    try:
+        proxy._close_fds()  # the job is gone: its descriptors close, nothing kills the helper
+        helper.wait(timeout=10)  # the helper saw its stdin end
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        proxy.close()

@@ -14,9 +14,11 @@ the store does not. Writes stay in the job's process (a push comes at the end, o
 background). If the child cannot start or dies, reads fall back to the store in this process; a
 child stops when its parent closes the proxy or exits (its stdin ends).
 
-The wire: one JSON line per request on the child's stdin; answers as frames on its stdout, one
-type byte and a 4-byte length, then the payload: ``J`` a JSON document, ``D`` object bytes, ``E``
-the end of an object. A read's first frame says whether the object is there.
+The wire: one JSON line per request on the child's stdin; answers as frames on a pipe of their
+own (not stdout, where a ``sitecustomize`` or ``.pth`` banner could print first), one type byte and
+a 4-byte length, then the payload: ``J`` a JSON document, ``D`` object bytes, ``E`` the end of an
+object. A read's first frame says whether the object is there; a frame of another type or an
+implausible length means the child is not speaking the protocol, and counts as a child gone.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import struct
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import IO, Any, BinaryIO
 
@@ -44,6 +47,12 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">cI")
 #: Object bytes per data frame: big enough that framing costs nothing, small enough to stream.
 _FRAME = 1 << 20
+#: The largest JSON frame believed (a listing of many refs); anything above is not our child talking.
+_MAX_JSON_FRAME = 256 << 20
+_KINDS = frozenset((b"J", b"D", b"E"))
+#: The child's first statement: drop the working directory from the path before importing anything,
+#: so a ``json.py`` or ``bundler/`` where the job runs cannot stand in for the real modules.
+_CHILD = "import sys; sys.path[:] = [p for p in sys.path if p]; from bundler.stores.proxy import serve; serve()"
 #: The settings the child's store needs (all plain values; signing stays with the parent, which
 #: verifies what it reads).
 _STORE_FIELDS = ("remote", "connect_timeout", "read_timeout", "max_attempts", "retry_mode",
@@ -66,18 +75,43 @@ class ProxyStore(Store):
         self._child: subprocess.Popen | None = None
         self._ready: bool | None = None  # None until the child's first frame
         self._local: Store | None = None
+        self._frames: IO[bytes] | None = None
+        self._fds: list[int] = []  # [requests (write end), frames (read end)] while the child is up
         try:
-            self._child = subprocess.Popen(
-                [sys.executable, "-c", "from bundler.stores.proxy import serve; serve()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-                close_fds=True,
-            )
-            fields = {name: getattr(settings, name) for name in _STORE_FIELDS}
-            self._send(fields)
-        except (OSError, ValueError) as exc:
+            self._start()
+            self._send({name: getattr(settings, name) for name in _STORE_FIELDS})
+        except Exception as exc:  # noqa: BLE001 - whatever stops the child, this process reads instead
             log.debug("no store helper process (%s); reading in this process", exc)
             self._stop()
+        _LIVE.add(self)
+
+    def _start(self) -> None:
+        """Spawn the child with two pipes of our own: requests on its stdin, frames on another fd.
+
+        This side keeps plain descriptors (file objects only as non-owning views), so a process
+        forked from the job can drop them with ``os.close`` and nothing closes them twice.
+        """
+        frames_read, frames_write = os.pipe()
+        requests_read, requests_write = os.pipe()
+        try:
+            # bundler's own folder first: the job may have imported it from its working directory,
+            # which the child leaves off its path.
+            here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            self._child = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, str(frames_write)],
+                stdin=requests_read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([here, *(p for p in sys.path if p)])},
+                close_fds=True, pass_fds=(frames_write,),
+            )
+        except BaseException:
+            os.close(frames_read)
+            os.close(requests_write)
+            raise
+        finally:
+            os.close(frames_write)  # the child holds them now: its exit is our EOF, ours its EOF
+            os.close(requests_read)
+        self._fds = [requests_write, frames_read]
+        self._frames = os.fdopen(frames_read, "rb", closefd=False)
 
     # --- the read primitives -------------------------------------------------------------------
 
@@ -155,11 +189,13 @@ class ProxyStore(Store):
             return self._answer()
 
     def _send(self, message: dict[str, Any]) -> None:
-        assert self._child is not None and self._child.stdin is not None
+        line = memoryview(json.dumps(message).encode() + b"\n")
         try:
-            self._child.stdin.write(json.dumps(message).encode() + b"\n")
-            self._child.stdin.flush()
-        except (OSError, ValueError) as exc:
+            if not self._fds:
+                raise OSError("stopped")
+            while line:
+                line = line[os.write(self._fds[0], line):]
+        except OSError as exc:
             self._stop()
             raise _gone(self.url, exc) from None
 
@@ -175,15 +211,18 @@ class ProxyStore(Store):
         return message.get("value")
 
     def _frame(self) -> tuple[bytes, bytes]:
-        child = self._child
-        if child is None or child.stdout is None:
+        frames = self._frames
+        if self._child is None or frames is None:
             raise _gone(self.url, "stopped")
-        head = _read_exact(child.stdout, _HEADER.size)
+        head = _read_exact(frames, _HEADER.size)
         if head is None:
             self._stop()
             raise _gone(self.url, "it exited")
         kind, size = _HEADER.unpack(head)
-        payload = _read_exact(child.stdout, size) if size else b""
+        if kind not in _KINDS or size > (_MAX_JSON_FRAME if kind == b"J" else _FRAME):
+            self._stop()
+            raise _gone(self.url, f"it sent {head!r}, not a frame")
+        payload = _read_exact(frames, size) if size else b""
         if payload is None:
             self._stop()
             raise _gone(self.url, "it exited mid-frame")
@@ -196,10 +235,36 @@ class ProxyStore(Store):
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 child.kill()
                 child.wait(timeout=5)
-            for pipe in (child.stdin, child.stdout):
-                if pipe is not None:
-                    with contextlib.suppress(OSError):
-                        pipe.close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        fds, self._fds, self._frames = self._fds, [], None
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _forget_in_forked_child(self) -> None:
+        """In a process forked from the job (a DataLoader worker): drop the pipes without killing
+        the job's helper, so the helper sees its stdin end when the job exits, not when the last
+        worker does."""
+        child, self._child = self._child, None
+        self._ready = False
+        self._close_fds()
+        if child is not None:
+            child.returncode = 0  # not this process's child: nothing here may wait for it
+
+
+#: Open proxies, so a forked child can let go of their pipes (see _forget_in_forked_child).
+_LIVE: weakref.WeakSet[ProxyStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for proxy in list(_LIVE):
+        proxy._forget_in_forked_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _ChildStream:
@@ -286,8 +351,11 @@ def _info(item: dict[str, Any]) -> ObjectInfo:
 
 
 def serve() -> None:
-    """The child's loop: open the store, build its client, then answer requests until stdin ends."""
-    out = sys.stdout.buffer
+    """The child's loop: open the store, build its client, then answer requests until stdin ends.
+
+    Frames go to the descriptor named on the command line, never to stdout (see the module doc).
+    """
+    out = os.fdopen(int(sys.argv[1]), "wb")
     requests = sys.stdin.buffer
     try:
         fields = json.loads(requests.readline())
