@@ -331,8 +331,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         refs_found, bundles = gc.gather(store)
         plan = gc.plan(refs_found, bundles, policy, dt.datetime.now(dt.timezone.utc))
         outcome = gc.execute(store, plan) if args.yes else None
+        uploads = gc.stale_uploads(store, policy, abort=args.yes)
     if args.json:
-        print(json.dumps({"plan": plan.to_json(), "executed": outcome.to_json() if outcome else None}, indent=2))
+        print(json.dumps({"plan": plan.to_json(), "executed": outcome.to_json() if outcome else None,
+                          "stale_uploads": uploads.to_json() if uploads else None}, indent=2))
         return EXIT_OK
     verb = "deleted" if outcome else "would delete"
     for ref, why in plan.delete_refs:
@@ -341,11 +343,26 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{verb} bundle {bundle.digest}  {bundle.size} bytes  (no ref names it)")
     for name, why in outcome.spared if outcome else ():
         print(f"kept {name} after all: {why}")
+    for odd in plan.odd_refs:
+        print(f"odd ref {odd.key} (left alone): {odd.problem}")
+    for key in uploads.keys if uploads else ():
+        print(f"{'aborted' if outcome else 'would abort'} multipart upload of {key}  (a push that never finished)")
     kept = len(plan.keep_bundles) + (len(outcome.spared) if outcome else 0)
     print(f"{len(plan.delete_refs)} refs and {len(plan.delete_bundles)} bundles ({plan.freed_bytes} bytes) "
           f"{'deleted' if outcome else 'to delete'}; {len(plan.keep_refs)} refs and {kept} bundles kept"
+          + (f"; {len(plan.odd_refs)} odd refs left alone" if plan.odd_refs else "")
+          + _uploads_summary(uploads)
           + ("" if outcome else ". This was a dry run: add --yes to delete"))
     return EXIT_OK
+
+
+def _uploads_summary(uploads) -> str:  # noqa: ANN001 - gc.StaleUploads | None
+    if uploads is None:
+        return "; no multipart uploads to check in a folder store"
+    if uploads.error:
+        return f"; stale multipart uploads not {'aborted' if uploads.aborted else 'listed'} ({uploads.error})"
+    age = f"older than {uploads.older_than / 3600:g}h"
+    return f"; {len(uploads.keys)} multipart uploads {age} {'aborted' if uploads.aborted else 'to abort'}"
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -666,8 +683,11 @@ def _gc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N refs of each prefix (the part before the last '/')")
     p.add_argument("--older-than", metavar="DURATION", help="delete refs not written for DURATION (e.g. 30d, 12h)")
     p.add_argument("--grace", metavar="DURATION",
-                   help="delete unreferenced bundles only when older than this (default 1h: a push in flight is safe)")
-    p.add_argument("--yes", action="store_true", help="delete; without it gc only prints the plan")
+                   help="delete unreferenced bundles only when older than this (default 1h: a push in flight is "
+                   "safe; must be over 10m, the window in which a push does not refresh a stored bundle)")
+    p.add_argument("--yes", action="store_true",
+                   help="delete (and, on S3, abort multipart uploads over max(grace, 1h) old); "
+                   "without it gc only prints the plan")
     p.add_argument("--json", action="store_true", help="print the plan (and what was deleted) as JSON")
     _remote_flags(p)
 

@@ -18,13 +18,25 @@ from bundler.errors import ConfigError
 from bundler.frozen import Frozen
 
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 #: Compiled by ``re`` on first use (0.4 ms at import otherwise, in every command): few set a size.
 _SIZE = r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$"
 #: Bounds for seconds, compared directly rather than with ``math.isfinite``: ``math`` is a shared
 #: library here, ~1 ms of every command to load, and a comparison also refuses NaN.
 _INF = float("inf")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+#: zstd's own level range (``ZSTD_minCLevel()`` .. ``ZSTD_maxCLevel()``); zstd silently clamps
+#: anything outside it, so a typo such as 99 would not mean what it says.
+ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL = -(1 << 17), 22
+_LIMIT_HINTS = {
+    "BUNDLER_MAX_BUNDLE_BYTES": " (a size such as 16GiB): 0 or less would refuse every bundle",
+    "BUNDLER_MAX_MEMBERS": ": 0 or less would refuse every bundle",
+    "BUNDLER_ZSTD_LEVEL": " (zstd's range; negative levels are its fast modes, 3 is the default)",
+    "BUNDLER_ZSTD_THREADS": " (0 = one per CPU)",
+}
+#: A user:password@ (or user@) part right after the scheme, up to the last '@' before any query:
+#: secret keys may hold '/' and '@', so the first '/' does not end it.
+_USERINFO = r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@:]*)(:[^?#]*)?@"
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -60,6 +72,26 @@ def _parse_float(name: str, raw: str) -> float:
     if not 0 < value < _INF:
         raise ConfigError(f"{name}={raw!r} must be a finite number of seconds greater than zero")
     return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for messages and logs (``user:***@host``)."""
+    return re.sub(_USERINFO, lambda m: f"{m.group(1)}{m.group(2)}{':***' if m.group(3) else ''}@", url, count=1)
+
+
+def refuse_credentials(url: str, what: str = "the remote URL") -> None:
+    """Refuse a store URL that carries credentials (``s3://KEY:SECRET@bucket``), without echoing them.
+
+    Why refuse rather than use them: a URL is printed in logs, errors, ``ps`` output and CI job
+    settings, so a secret in it leaks; credentials come from the AWS chain instead, which also
+    rotates them.
+    """
+    if re.match(_USERINFO, url):
+        raise ConfigError(
+            f"{what} {redact_url(url)} carries credentials (user:secret@), which kernel-bundler does not take "
+            "from URLs: a URL ends up in logs. Remove them, and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            "or AWS_PROFILE instead (and rotate that secret if the URL was shared)"
+        )
 
 
 def _default_cache_dir() -> Path:
@@ -236,6 +268,17 @@ class Settings(Frozen):
             raise ConfigError(f"BUNDLER_MAX_MANIFEST_BYTES={self.max_manifest_bytes} must be between 4KiB and 1GiB")
         if not 2 <= self.max_ratio <= 1_000_000:
             raise ConfigError(f"BUNDLER_MAX_RATIO={self.max_ratio} must be between 2 and 1000000")
+        for name, value, low, high in (
+            ("BUNDLER_MAX_BUNDLE_BYTES", self.max_bundle_bytes, 1, None),
+            ("BUNDLER_MAX_MEMBERS", self.max_members, 1, None),
+            ("BUNDLER_ZSTD_LEVEL", self.zstd_level, ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL),
+            ("BUNDLER_ZSTD_THREADS", self.zstd_threads, 0, 256),
+        ):
+            if value < low or (high is not None and value > high):
+                allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
+                raise ConfigError(f"{name}={value} must be {allowed}{_LIMIT_HINTS.get(name, '')}")
+        if self.remote is not None:
+            refuse_credentials(self.remote, "BUNDLER_REMOTE")
         if not 10 <= self.max_window_log <= 31:
             raise ConfigError(f"BUNDLER_MAX_WINDOW_LOG={self.max_window_log} must be between 10 and 31")
         if self.long_window_log and not 10 <= self.long_window_log <= self.max_window_log:
@@ -251,8 +294,8 @@ class Settings(Frozen):
         values: dict[str, object] = {}
         for name, var in _ENV_NAMES.items():
             raw = env.get(var)
-            if raw is None:
-                continue
+            if raw is None or (not raw.strip() and name not in _BLANK_IS_AN_ERROR):
+                continue  # set to "" or blanks: a launcher's way of unsetting, not a value
             values[name] = _PARSERS[name](var, raw)
         values.update(overrides)
         if "local_cache" in values:
@@ -320,6 +363,10 @@ def _nonempty_path(name: str, raw: str) -> Path:
 def _nonempty_list(name: str, raw: str) -> tuple[str, ...]:
     return tuple(entry.strip() for entry in _nonempty_str(name, raw).split(","))
 
+
+#: Variables for which set-but-blank is refused rather than read as unset: a launcher that blanks
+#: a signing setting (or the replay bound) must not turn a check off without a word.
+_BLANK_IS_AN_ERROR = frozenset({"signing_key", "signing_key_file", "trusted_keys", "ref_max_age"})
 
 _ENV_NAMES = {
     "remote": "BUNDLER_REMOTE",

@@ -75,12 +75,29 @@ class NotFoundError(StoreError):
     exit_code = 3
 
 
+class NotFoundOrDeniedError(NotFoundError):
+    """S3 answered 403 to a read of one key: the key is missing, or these credentials may not read it.
+
+    S3 gives a caller without s3:ListBucket a 403, not a 404, for a missing key, so for a job this
+    is a miss like any other. Code that must not act on incomplete knowledge (``bundler gc``, which
+    has just listed the key) treats it as the failure it then is.
+    """
+
+
 class StoreUnreachableError(StoreError):
     """The store did not answer within the configured time budget, or refused the connection."""
 
 
 class DeadlineExceededError(StoreUnreachableError):
     """The operation's deadline (``BUNDLER_PULL_BUDGET``, ``--timeout``) passed while it waited."""
+
+
+class ObjectReplacedError(StoreError):
+    """The object was replaced by a new write while it was being read (S3 ``If-Match`` failed).
+
+    Not a sick store: the key holds a whole, newer object, so reading it again from the start
+    succeeds. Callers that stream a bundle restart the download on it instead of tripping a breaker.
+    """
 
 
 class AccessDeniedError(StoreError):

@@ -51,3 +51,52 @@ def test_replace_and_from_env_check_like_the_constructor() -> None:
     with pytest.raises(TypeError):
         Settings().replace(no_such_field=1)
     assert Settings.from_env({"BUNDLER_ZSTD_LEVEL": "7"}, max_ratio=50) == Settings(zstd_level=7, max_ratio=50)
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t"])
+def test_a_variable_set_to_blank_counts_as_unset(blank: str) -> None:
+    """A launcher that blanks a variable means "unset": BUNDLER_CACHE_DIR="" must not be the current
+    directory, BUNDLER_REMOTE="  " no folder named "  ", BUNDLER_LOCAL_CACHE="" not "off"."""
+    names = ("BUNDLER_CACHE_DIR", "BUNDLER_REMOTE", "TRITON_CACHE_DIR", "BUNDLER_LOCAL_CACHE", "BUNDLER_ZSTD_LEVEL",
+             "BUNDLER_MAX_BUNDLE_BYTES", "BUNDLER_PULL_BUDGET", "BUNDLER_LOG", "BUNDLER_REF")
+    assert Settings.from_env({name: blank for name in names}) == Settings.from_env({})
+    assert Settings.from_env({"BUNDLER_CACHE_DIR": blank}).cache_dir != Path(".")
+
+
+@pytest.mark.parametrize("name", ["BUNDLER_SIGNING_KEY", "BUNDLER_SIGNING_KEY_FILE", "BUNDLER_TRUSTED_KEYS",
+                                  "BUNDLER_REF_MAX_AGE"])
+def test_a_blank_signing_variable_stays_an_error(name: str) -> None:
+    """The exception: blanking a signing setting must not turn a signature check off silently."""
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: " "})
+
+
+@pytest.mark.parametrize(("name", "raw", "allowed"), [
+    ("BUNDLER_MAX_BUNDLE_BYTES", "0", "at least 1"),
+    ("BUNDLER_MAX_MEMBERS", "-1", "at least 1"),
+    ("BUNDLER_MAX_MEMBERS", "0", "at least 1"),
+    ("BUNDLER_ZSTD_LEVEL", "99", "between -131072 and 22"),
+    ("BUNDLER_ZSTD_LEVEL", "-131073", "between -131072 and 22"),
+    ("BUNDLER_ZSTD_THREADS", "-7", "between 0 and 256"),
+])
+def test_limits_that_make_no_sense_are_refused_naming_the_variable_and_range(name: str, raw: str,
+                                                                             allowed: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name}={raw} must be {allowed}"):
+        Settings.from_env({name: raw})
+
+
+def test_valid_limits_are_kept() -> None:
+    s = Settings.from_env({"BUNDLER_MAX_BUNDLE_BYTES": "1", "BUNDLER_MAX_MEMBERS": "1", "BUNDLER_ZSTD_LEVEL": "-5",
+                           "BUNDLER_ZSTD_THREADS": "0", "BUNDLER_LOCAL_CACHE": "0", "BUNDLER_BUNDLES": "0"})
+    assert (s.max_bundle_bytes, s.max_members, s.zstd_level, s.zstd_threads) == (1, 1, -5, 0)
+    assert s.local_cache is False
+    assert Settings.from_env({"BUNDLER_ZSTD_LEVEL": "22"}).zstd_level == 22
+    assert Settings.from_env({"BUNDLER_MAX_BUNDLE_BYTES": "16GiB"}).max_bundle_bytes == 16 << 30
+
+
+def test_credentials_in_bundler_remote_are_refused_without_showing_the_secret() -> None:
+    for remote in ("s3://AKIAEXAMPLE:wJalr/XUtn+FEMI@bucket/p", "s3://AKIAEXAMPLE:supersecret@bucket/p"):
+        with pytest.raises(ConfigError, match="BUNDLER_REMOTE.*AWS_ACCESS_KEY_ID") as err:
+            Settings.from_env({"BUNDLER_REMOTE": remote})
+        assert "AKIAEXAMPLE:***@bucket/p" in str(err.value)
+        assert "supersecret" not in str(err.value) and "XUtn" not in str(err.value) and "wJalr" not in str(err.value)

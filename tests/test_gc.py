@@ -19,8 +19,9 @@ import time
 import pytest
 
 from bundler.config import Settings
-from bundler.errors import ConfigError
+from bundler.errors import ConfigError, NotFoundError, StoreError
 from bundler.remote import gc, layout, transfer
+from bundler.remote import refs as refs_module
 from bundler.stores import open_store
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -75,7 +76,7 @@ def test_no_bundle_a_remaining_ref_names_is_ever_planned_for_deletion():
                 for i in range(rng.randint(0, 20))]
         bundles = [bundle(d(i), ago(days=rng.uniform(0, 90))) for i in range(31)]
         policy = gc.Policy(keep_last=rng.choice([None, 1, 2, 5]), older_than=rng.choice([None, 86400, 30 * 86400]),
-                           grace=rng.choice([0, 3600]))
+                           grace=rng.choice([601, 3600, 86400]))
         plan = gc.plan(refs, bundles, policy, NOW)
         named = {r.digest for r in plan.keep_refs}
         assert not named & {b.digest for b in plan.delete_bundles}
@@ -116,25 +117,50 @@ def stored_bundles(store) -> set[str]:
     return {layout.digest_from_bundle_key(i.key) for i in store.list(layout.BUNDLES)}
 
 
-def test_dry_run_deletes_nothing_and_yes_deletes_the_plan(cli_store_url, tmp_path):
-    store_url = cli_store_url
+def backdate(store, key: str, seconds: float) -> None:
+    """Make a folder store's object look ``seconds`` old (S3 servers date objects themselves)."""
+    when = time.time() - seconds
+    os.utime(store.root / key, (when, when))
+
+
+def test_dry_run_deletes_nothing_and_yes_deletes_the_plan(local_store_url, tmp_path):
+    """Through the CLI, on a folder store: the only store whose objects a test can age past the grace."""
+    store_url = local_store_url
     with open_store(store_url, Settings()) as store:
         old = push(store, "ci/main", b"old").digest
         new = push(store, "ci/main", b"new").digest  # the ref moved: old is unreferenced
         assert stored_bundles(store) == {old, new}
-    dry = bundler("gc", "--remote", store_url, "--grace", "0s", "--json")
+    kept = bundler("gc", "--remote", store_url, "--yes")  # default grace: both are minutes old
+    assert kept.returncode == 0 and "0 refs and 0 bundles" in kept.stdout
+    with open_store(store_url, Settings()) as store:
+        for digest in (old, new):
+            backdate(store, layout.bundle_key(digest), 2 * 3600)
+    dry = bundler("gc", "--remote", store_url, "--json")
     assert dry.returncode == 0, dry.stderr
     plan = json.loads(dry.stdout)
     assert [b["digest"] for b in plan["plan"]["delete_bundles"]] == [old] and plan["executed"] is None
-    text = bundler("gc", "--remote", store_url, "--grace", "0s").stdout
+    assert plan["stale_uploads"] is None  # a folder has no multipart uploads
+    text = bundler("gc", "--remote", store_url).stdout
     assert f"would delete bundle {old}" in text and "--yes" in text
     with open_store(store_url, Settings()) as store:
         assert stored_bundles(store) == {old, new}  # the dry run touched nothing
-    kept = bundler("gc", "--remote", store_url, "--yes")  # default grace: both are minutes old
-    assert kept.returncode == 0 and "0 refs and 0 bundles" in kept.stdout
-    done = bundler("gc", "--remote", store_url, "--grace", "0s", "--yes")
+    done = bundler("gc", "--remote", store_url, "--yes")
     assert done.returncode == 0, done.stderr
     with open_store(store_url, Settings()) as store:
+        assert stored_bundles(store) == {new}
+        assert transfer.pull(store, tmp_path / "out", ref="ci/main", settings=Settings()).digest == new
+
+
+def test_plan_and_execute_on_s3(s3_server, tmp_path):
+    """The same on moto over HTTP, an hour and more later by gc's clock (the server dates objects)."""
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+    with open_store(s3_server, Settings()) as store:
+        old = push(store, "ci/main", b"old").digest
+        new = push(store, "ci/main", b"new").digest
+        refs, bundles = gc.gather(store)
+        the_plan = gc.plan(refs, bundles, gc.Policy(), later)
+        assert [b.digest for b in the_plan.delete_bundles] == [old]
+        assert gc.execute(store, the_plan, clock=lambda: later).deleted_bundles == (old,)
         assert stored_bundles(store) == {new}
         assert transfer.pull(store, tmp_path / "out", ref="ci/main", settings=Settings()).digest == new
 
@@ -145,7 +171,7 @@ def test_keep_last_and_rm_through_the_cli(cli_store_url):
         for i in range(3):
             push(store, f"llama/{i}", f"v{i}".encode())
             time.sleep(1.1)  # listings date objects to the second
-    out = bundler("gc", "--remote", store_url, "--keep-last", "1", "--grace", "0s", "--yes", "--json")
+    out = bundler("gc", "--remote", store_url, "--keep-last", "1", "--yes", "--json")
     assert out.returncode == 0, out.stderr
     assert sorted(json.loads(out.stdout)["executed"]["deleted_refs"]) == ["llama/0", "llama/1"]
     assert bundler("rm", "llama/2", "--remote", store_url).returncode == 0
@@ -158,10 +184,10 @@ def test_gc_spares_a_bundle_a_ref_moved_onto_after_the_plan(local_store_url):
         old = push(store, "a", b"old").digest
         push(store, "a", b"new")
         refs, bundles = gc.gather(store)
-        plan = gc.plan(refs, bundles, gc.Policy(grace=0), dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+        plan = gc.plan(refs, bundles, gc.Policy(), dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2))
         assert [b.digest for b in plan.delete_bundles] == [old]
         push(store, "b", b"old")  # a ref moves onto the planned bundle before execute
-        outcome = gc.execute(store, plan, clock=lambda: dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+        outcome = gc.execute(store, plan, clock=lambda: dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2))
         assert outcome.deleted_bundles == () and (old, "a ref names it now") in outcome.spared
         assert old in stored_bundles(store)
 
@@ -180,7 +206,7 @@ def test_a_bundle_a_ref_needs_besides_its_own_is_kept(local_store_url):
                                  producer={"bundle.pch": imported_headers}).digest
         later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
         refs, bundles = gc.gather(store)
-        plan = gc.plan(refs, bundles, gc.Policy(grace=0), later)
+        plan = gc.plan(refs, bundles, gc.Policy(), later)
         assert [b.digest for b in plan.delete_bundles] == [stray]
         gc.execute(store, plan, clock=lambda: later)
         assert stored_bundles(store) == {headers, main, imported_headers, imported}
@@ -232,3 +258,145 @@ def test_concurrent_pushes_during_gc_lose_nothing(tmp_path):
             assert digest in present, f"ref {name} names deleted bundle {digest}"
         for digest in set(old) - set(pushed.values()):
             assert digest not in present  # gc did run: what nobody re-pushed is gone
+
+
+# --- the grace period and the push refresh window --------------------------------------------------
+
+
+def test_a_grace_within_the_push_refresh_window_is_refused(local_store_url):
+    """A push that finds its bundle stored and younger than ``transfer.REFRESH_AFTER_S`` does not
+    rewrite it, so a shorter grace would let gc delete a bundle a ref was just pointed at."""
+    for grace in (0, 300, transfer.REFRESH_AFTER_S):
+        with pytest.raises(ConfigError, match="too short.*does not rewrite it"):
+            gc.Policy(grace=grace)
+    assert gc.Policy(grace=transfer.REFRESH_AFTER_S + 1).grace == transfer.REFRESH_AFTER_S + 1
+    refused = bundler("gc", "--remote", local_store_url, "--grace", "5m", "--yes")
+    assert refused.returncode == 2 and "--grace" in refused.stderr and "10.0m" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_refs_are_read_again_during_a_long_delete_loop(local_store_url, monkeypatch):
+    """A ref written while gc works through its delete list keeps its bundle, even one gc planned to
+    delete and whose date did not change (a ref linking an existing bundle)."""
+    monkeypatch.setattr(gc, "REREAD_EVERY", 1)
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+    settings = Settings()
+    with open_store(local_store_url, settings) as store:
+        digests = [transfer.push(store, {"k": f"{i}".encode()}, settings=settings).digest for i in range(3)]
+        refs, bundles = gc.gather(store)
+        the_plan = gc.plan(refs, bundles, gc.Policy(), later)
+        assert sorted(b.digest for b in the_plan.delete_bundles) == sorted(digests)
+        last = the_plan.delete_bundles[-1].digest
+        first_key = layout.bundle_key(the_plan.delete_bundles[0].digest)
+
+        class RefWrittenMidLoop(type(store)):
+            def delete(self, key: str) -> None:
+                super().delete(key)
+                if key == first_key:  # a CI job points a ref at a bundle further down the list
+                    refs_module.write_ref(store, "linked", last, 1, settings=settings)
+
+        outcome = gc.execute(RefWrittenMidLoop(store.root), the_plan, clock=lambda: later)
+        assert (last, "a ref names it now") in outcome.spared
+        assert last not in outcome.deleted_bundles and last in stored_bundles(store)
+
+
+# --- odd objects under v1/refs/ --------------------------------------------------------------------
+
+
+def test_odd_refs_are_reported_and_left_alone_and_gc_goes_on(store_url, caplog):
+    """A name no ref may have, an object over the size limit, or one that is no ref document: gc
+    warns naming the key, lists it in the plan with what to do, keeps the bundle it names, deletes
+    nothing of it, and still collects everything else."""
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+    settings = Settings()
+    with open_store(store_url, settings) as store:
+        kept = push(store, "keep", b"keep").digest
+        copied = transfer.push(store, {"k": b"copied"}, settings=settings).digest
+        doomed = transfer.push(store, {"k": b"nobody"}, settings=settings).digest
+        store.write_bytes("v1/refs/copy of keep.json", json.dumps({"digest": copied}).encode())
+        store.write_bytes("v1/refs/big.json", b" " * (2 << 20))
+        store.write_bytes("v1/refs/broken.json", b"{not json")
+        with caplog.at_level("WARNING", logger="bundler.remote.gc"):
+            refs, bundles = gc.gather(store)
+        the_plan = gc.plan(refs, bundles, gc.Policy(keep_last=1, older_than=3600), later)
+        odd = {r.key: r.problem for r in the_plan.odd_refs}
+        assert sorted(odd) == ["v1/refs/big.json", "v1/refs/broken.json", "v1/refs/copy of keep.json"]
+        assert "not a valid ref name" in odd["v1/refs/copy of keep.json"] and "delete it" in odd["v1/refs/big.json"]
+        assert "push again" in odd["v1/refs/broken.json"]
+        assert all(key in caplog.text for key in odd)
+        assert sorted(b.digest for b in the_plan.delete_bundles) == sorted([kept, doomed])
+        assert [entry["key"] for entry in the_plan.to_json()["odd_refs"]] == sorted(odd)
+        outcome = gc.execute(store, the_plan, clock=lambda: later)
+        assert outcome.deleted_refs == ("keep",)  # not written for an hour, by gc's clock
+        assert stored_bundles(store) == {copied}  # named by the odd ref, so kept
+        assert all(store.exists(key) for key in odd)
+
+
+def test_odd_refs_do_not_fail_the_command(local_store_url):
+    """The reviewer's case: `bundler gc` failed every time on one manual copy of a ref."""
+    with open_store(local_store_url, Settings()) as store:
+        push(store, "keep", b"x")
+        store.write_bytes("v1/refs/copy of keep.json", store.read_bytes(layout.ref_key("keep")))
+        store.write_bytes("v1/refs/big.json", b" " * (2 << 20))
+    out = bundler("gc", "--remote", local_store_url, "--older-than", "30d", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert "odd ref v1/refs/copy of keep.json" in out.stdout and "odd ref v1/refs/big.json" in out.stdout
+    assert "2 odd refs left alone" in out.stdout and "v1/refs/big.json" in out.stderr
+
+
+@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (403, "AccessDenied")])
+def test_a_ref_the_store_fails_to_read_stops_gc_before_any_delete(s3_bucket, moto_endpoint, status, code):
+    """Unreachable, or denied (403; which without s3:ListBucket would read as "missing", but gc has
+    just listed the ref): gc must not delete on what it could not read."""
+    from fault_proxy import Fault, FaultProxy
+
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+    proxy = FaultProxy(moto_endpoint)
+    try:
+        url = f"s3://{s3_bucket}/p?endpoint={proxy.url}&addressing=path"
+        settings = Settings(max_attempts=2)
+        with open_store(url, settings) as store:
+            push(store, "a", b"a")
+            unreferenced = transfer.push(store, {"k": b"nobody"}, settings=settings).digest
+            refs, bundles = gc.gather(store)
+            the_plan = gc.plan(refs, bundles, gc.Policy(), later)
+            assert [b.digest for b in the_plan.delete_bundles] == [unreferenced]
+            proxy.add(Fault(when=lambda seen: seen.method == "GET" and "/v1/refs/a.json" in seen.path,
+                            times=None, status=status, code=code))
+            with pytest.raises(StoreError) as err:
+                gc.gather(store)
+            assert not isinstance(err.value, NotFoundError) and "v1/refs/a.json" in str(err.value)
+            with pytest.raises(StoreError):
+                gc.execute(store, the_plan, clock=lambda: later)
+            assert unreferenced in stored_bundles(store)
+    finally:
+        proxy.close()
+
+
+# --- multipart uploads that killed pushes left behind ----------------------------------------------
+
+
+def test_gc_aborts_stale_multipart_uploads_and_the_dry_run_only_lists_them(s3_server, s3_bucket, moto_endpoint,
+                                                                          boto_client, local_store_url):
+    """moto dates every multipart upload 2010-11-10, so an upload started here reads as long stale."""
+    client = boto_client(moto_endpoint)
+    key = f"some/prefix/v1/bundles/{'a' * 64}.tar.zst"
+    client.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    client.create_multipart_upload(Bucket=s3_bucket, Key="elsewhere/not-ours")  # outside the store's prefix
+    dry = bundler("gc", "--remote", s3_server, "--json")
+    assert dry.returncode == 0, dry.stderr
+    listed = json.loads(dry.stdout)["stale_uploads"]
+    assert listed == {"older_than_s": 3600.0, "keys": [f"v1/bundles/{'a' * 64}.tar.zst"], "aborted": False,
+                      "error": None}
+    assert len(client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]) == 2  # a dry run aborts nothing
+    text = bundler("gc", "--remote", s3_server, "--grace", "2h")
+    assert "would abort multipart upload of v1/bundles/" in text.stdout
+    assert "1 multipart uploads older than 2h to abort" in text.stdout
+    done = bundler("gc", "--remote", s3_server, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "1 multipart uploads older than 1h aborted" in done.stdout
+    assert [u["Key"] for u in client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]] == ["elsewhere/not-ours"]
+    with open_store(local_store_url, Settings()) as store:
+        push(store, "a", b"a")
+    local = bundler("gc", "--remote", local_store_url)
+    assert "no multipart uploads to check in a folder store" in local.stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -201,3 +202,78 @@ def test_from_url_accepts_file_urls_and_paths(tmp_path: Path, monkeypatch: pytes
     assert LocalStore.from_url("rel/dir").root == tmp_path / "rel" / "dir"
     with pytest.raises(ConfigError, match="file:///absolute/path"):
         LocalStore.from_url("file://otherhost/x")
+
+
+# --- things at a key that are no file: FIFOs, sockets, folders, devices, links ---------------------
+
+
+def _plant(kind: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "socket":  # AF_UNIX paths are short: bind relative to the folder
+        import socket
+
+        monkeypatch.chdir(path.parent)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path.name)
+        sock.close()
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "symbolic link":
+        target = path.parent.parent / "elsewhere"
+        target.write_bytes(b'{"digest": "outside the store"}')
+        path.symlink_to(target)
+    elif kind == "character device":
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero's numbers
+        except PermissionError:
+            pytest.skip("creating a device node needs CAP_MKNOD")
+
+
+def _in_thread(call, timeout: float = 10.0):  # noqa: ANN001, ANN202 - any call; its result or exception
+    """Run ``call`` where a hang cannot hang the test run: the old code blocked forever on a FIFO."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(("ok", call()))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome.append(("raised", exc))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert outcome, f"still blocked after {timeout} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "socket", "directory", "symbolic link", "character device"])
+def test_a_non_file_at_a_key_reads_as_missing_at_once(tmp_path: Path, kind: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``head`` already said (None) every read path says too, promptly, naming the path."""
+    from bundler.config import Settings
+    from bundler.errors import NotFoundError
+    from bundler.remote import refs
+
+    store = LocalStore(tmp_path / "store")
+    store.write_bytes("v1/refs/other.json", b"{}")
+    path = tmp_path / "store" / "v1" / "refs" / "prod.json"
+    _plant(kind, path, monkeypatch)
+    assert store.head("v1/refs/prod.json") is None
+    assert [info.key for info in store.list("v1/refs/")] == ["v1/refs/other.json"]
+    for read in (lambda: store.read_bytes("v1/refs/prod.json"),
+                 lambda: refs.read_ref(store, "prod", Settings(cache_dir=tmp_path / "cache"))):
+        status, result = _in_thread(read)
+        assert status == "raised" and isinstance(result, NotFoundError), result
+        assert f"{path} is a {kind}" in str(result) and "remove it" in str(result)
+
+
+def test_a_create_only_write_replaces_a_fifo_that_reads_as_missing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    os.makedirs(tmp_path / "v1" / "bundles")
+    os.mkfifo(tmp_path / "v1" / "bundles" / "b")
+    assert store.write_bytes("v1/bundles/b", b"bytes", if_absent=True) is True
+    assert _in_thread(lambda: store.read_bytes("v1/bundles/b")) == ("ok", b"bytes")
+    assert store.write_bytes("v1/bundles/b", b"other", if_absent=True) is False  # now a file: taken
+

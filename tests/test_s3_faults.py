@@ -12,11 +12,20 @@ import io
 import os
 import time
 from collections.abc import Iterator
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from bundler.config import Settings
-from bundler.errors import AccessDeniedError, NoSuchBucketError, StoreError, StoreUnreachableError
+from bundler.errors import (
+    AccessDeniedError,
+    NoSuchBucketError,
+    NotFoundError,
+    NotFoundOrDeniedError,
+    ObjectReplacedError,
+    StoreUnreachableError,
+)
+from bundler.remote import health, refs, transfer
 from bundler.stores import open_store
 from bundler.stores import s3_client as s3_client_module
 from bundler.stores.s3 import S3Store
@@ -114,7 +123,8 @@ def test_body_that_keeps_breaking_fails_cleanly_never_with_wrong_bytes(
 def test_object_replaced_mid_download_fails_cleanly(s3_server: str, small_settings: Settings) -> None:
     store = open_store(s3_server, small_settings)
     store.write_bytes("k", os.urandom(LARGE))
-    with pytest.raises(StoreError, match="replaced"), store.open_read("k") as stream:
+    with pytest.raises(ObjectReplacedError, match="replaced while it was being read; retry the read"), \
+            store.open_read("k") as stream:
         stream.read(1)  # parts 0..max_concurrency are requested now, the rest only as we consume
         store.write_bytes("k", os.urandom(LARGE))
         stream.read()
@@ -158,11 +168,77 @@ def test_missing_bucket_is_named(moto_endpoint: str, aws_env: None, small_settin
 
 def test_access_denied_names_action_and_key(proxy: FaultProxy, proxied: S3Store) -> None:
     proxy.add(Fault(when=lambda seen: True, times=None, status=403, code="AccessDenied"))
-    with pytest.raises(AccessDeniedError, match=r"s3:GetObject") as err:
-        proxied.read_bytes("v1/refs/a.json")
-    assert "p/v1/refs/a.json" in str(err.value)
-    with pytest.raises(AccessDeniedError, match=r"s3:PutObject"):
+    with pytest.raises(AccessDeniedError, match=r"PutObject .*p/k.*s3:PutObject"):
         proxied.write_bytes("k", b"x")
+    with pytest.raises(AccessDeniedError, match=r"ListObjectsV2 .*s3:ListBucket on the bucket \(arn:aws:s3:::"):
+        list(proxied.list("v1/refs/"))
+    # A 403 to a read of one key may mean "missing" (see the tests below): a miss that says both.
+    with pytest.raises(NotFoundOrDeniedError, match=r"p/v1/refs/a.json.*may not read it.*s3:GetObject"):
+        proxied.read_bytes("v1/refs/a.json")
+
+
+# --- callers without s3:ListBucket: a missing key answers 403 --------------------------------------
+
+
+@pytest.fixture
+def no_list_bucket(proxy: FaultProxy, moto_endpoint: str, boto_client) -> None:  # noqa: ANN001
+    """Answer a GET or HEAD of a key that does not exist with 403 AccessDenied, as real S3 does to a
+    caller without s3:ListBucket (moto answers 404: it does not model that). Whether the key exists
+    is asked of moto itself at each request; every other request goes to moto untouched."""
+    from botocore.exceptions import ClientError
+
+    client = boto_client(moto_endpoint)
+
+    def missing_key_read(seen: Seen) -> bool:
+        parts = urlsplit(seen.path)
+        bucket, _, key = unquote(parts.path).lstrip("/").partition("/")
+        if seen.method not in ("GET", "HEAD") or not key or "uploadId" in parts.query:
+            return False
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+        except ClientError:
+            return True
+        return False
+
+    proxy.add(Fault(when=missing_key_read, times=None, status=403, code="AccessDenied"))
+
+
+def test_a_403_for_a_missing_key_is_a_miss_and_warned_about_once(
+    no_list_bucket: None, proxied: S3Store, small_settings: Settings, tmp_path, caplog  # noqa: ANN001
+) -> None:
+    with caplog.at_level("WARNING", logger="bundler.stores.s3_errors"):
+        assert proxied.head(f"v1/bundles/{'0' * 64}.tar.zst") is None  # HEAD: no body, botocore's code is "403"
+        with pytest.raises(NotFoundError, match="missing, or these credentials may not read it.*s3:ListBucket"):
+            proxied.read_bytes("v1/refs/nope.json")  # GET: code AccessDenied
+        with pytest.raises(NotFoundError):
+            refs.read_ref(proxied, "nope", small_settings)
+        # A push: HEAD before the create-only PUT, then the ref's write reads the old ref (a floor).
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "a.txt").write_text("hello")
+        pushed = transfer.push(proxied, src, ref="r1", settings=small_settings)
+        assert pushed.uploaded is True
+        assert refs.read_ref(proxied, "r1", small_settings).digest == pushed.digest
+        assert transfer.pull(proxied, tmp_path / "out", ref="r1", settings=small_settings).digest == pushed.digest
+    warnings = [r for r in caplog.records if r.name == "bundler.stores.s3_errors"]
+    assert len(warnings) == 1 and "answered 403" in warnings[0].getMessage()
+    assert "s3:GetObject" in warnings[0].getMessage()
+
+
+def test_a_403_for_a_missing_key_does_not_trip_the_read_breaker(
+    no_list_bucket: None, proxied: S3Store, small_settings: Settings
+) -> None:
+    """The reviewer's case: the first autotune miss of a job made the whole process stop reading."""
+    settings = small_settings.replace(remote=proxied.url)
+    health.reset()
+    try:
+        proxied.write_bytes("v1/autotune/present.json", b"{}")
+        miss = health.guarded(settings, "read", "v1/autotune/missing.json",
+                              lambda: proxied.read_bytes("v1/autotune/missing.json"))
+        assert miss is None and health.remote_usable(settings, "read")
+        assert proxied.read_bytes("v1/autotune/present.json") == b"{}"
+    finally:
+        health.reset()
 
 
 def test_rejected_credentials_say_how_to_configure(proxy: FaultProxy, proxied: S3Store) -> None:

@@ -187,6 +187,83 @@ def test_download_broken_once_is_resumed_and_verified(moto_endpoint, s3_bucket, 
         proxy.close()
 
 
+class _RewrittenMidDownload:
+    """A store whose bundle object another push rewrites (same bytes, another part size, so a new
+    ETag) just after a reader's first read: what a push refreshing an old bundle does to every
+    node downloading it at that moment."""
+
+    def __init__(self, inner, rewrite) -> None:  # noqa: ANN001
+        self._inner, self._rewrite = inner, rewrite
+        self.bundle_reads = 0
+
+    def open_read(self, key, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        stream = self._inner.open_read(key, **kwargs)
+        if not key.startswith(layout.BUNDLES):
+            return stream
+        self.bundle_reads += 1
+        if self.bundle_reads > 1:
+            return stream
+        rewrite = self._rewrite
+
+        class _Stream:
+            def __init__(self) -> None:
+                self._done = False
+
+            def _after_first_read(self) -> None:
+                if not self._done:
+                    self._done = True
+                    rewrite(key)
+
+            def read(self, *args):  # noqa: ANN002, ANN202
+                data = stream.read(*args)
+                self._after_first_read()
+                return data
+
+            def readinto(self, buffer):  # noqa: ANN001, ANN202
+                n = stream.readinto(buffer)
+                self._after_first_read()
+                return n
+
+            def __enter__(self):  # noqa: ANN204
+                return self
+
+            def __exit__(self, *exc) -> None:  # noqa: ANN002
+                stream.close()
+
+            def __getattr__(self, name: str):  # noqa: ANN204
+                return getattr(stream, name)
+
+        return _Stream()
+
+    def __getattr__(self, name):  # noqa: ANN001, ANN204
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize("where", ["s3_inprocess", "s3_server"])
+def test_a_bundle_rewritten_while_it_downloads_is_downloaded_again(where, request, tmp_path):
+    """The ranged GETs after the rewrite fail If-Match (412); the pull starts over, verifies the new
+    object against the digest and succeeds, instead of failing (and a job disabling its store)."""
+    url = request.getfixturevalue(where)
+    files = {f"k{i}/kernel.cubin": os.urandom(40_000) for i in range(20)}
+    write_tree(tmp_path / "src", files)
+    ranged = Settings(multipart_threshold=384 << 10, multipart_chunksize=64 << 10, max_concurrency=1,
+                      max_attempts=2, connect_timeout=2.0, read_timeout=5.0)
+    other_parts = ranged.replace(multipart_chunksize=128 << 10)
+    with open_store(url, ranged) as store:
+        pushed = transfer.push(store, tmp_path / "src", settings=ranged)
+        assert pushed.size > 384 << 10  # large enough for ranged GETs pinned to the ETag
+        data = store.read_bytes(layout.bundle_key(pushed.digest))
+
+        def rewrite(key: str) -> None:
+            with open_store(url, other_parts) as other:
+                other.write(key, io.BytesIO(data), size=len(data))
+
+        wrapped = _RewrittenMidDownload(store, rewrite)
+        transfer.pull(wrapped, tmp_path / "dest", digest=pushed.digest, settings=ranged)
+    assert wrapped.bundle_reads == 2
+    assert snapshot(tmp_path / "dest") == snapshot(tmp_path / "src")
+
+
 class _CountingStore:
     """Wraps a store and counts bundle downloads, to see work that a lock saved."""
 

@@ -31,7 +31,7 @@ from bundler.bundle import reader as bundle_reader
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.placement import Destination, Placement
 from bundler.config import Settings
-from bundler.errors import BundleError, ConfigError, NotFoundError
+from bundler.errors import BundleError, ConfigError, NotFoundError, ObjectReplacedError
 from bundler.fileio import FileOps, write_atomically
 from bundler.progress import NULL_PROGRESS, Progress
 from bundler.remote import layout, refs
@@ -344,10 +344,32 @@ def _remove_entry(path: Path) -> None:
         pass
 
 
+#: Downloads of one bundle restarted because the object was rewritten mid-read, before giving up.
+_RESTARTS_ON_REPLACED = 2
+
+
 def _download(store: Store, dest: Destination, digest: str, found: Ref | None, settings: Settings,
               rewrite: archive.Rewriter | None, progress: Progress, ops: FileOps | None = None) -> Manifest:
-    with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
-        man = archive.unpack(stream, dest, expected_digest=digest, settings=settings, rewrite=rewrite, ops=ops)
+    """Download, verify and unpack; start over if the bundle object is rewritten meanwhile.
+
+    A push that finds its bundle old rewrites it (same bytes) so gc sees it fresh, and the rewrite
+    can carry a new ETag (another part size, SSE-KMS). The ranged GETs of a large download are
+    pinned to the first ETag, so they fail with ObjectReplacedError although the content is the
+    same: the key is content-addressed and the unpack checks every byte against the digest, so
+    reading the new object from the start is safe, and the failed attempt left nothing in place.
+    """
+    key = layout.bundle_key(digest)
+    for restart in range(_RESTARTS_ON_REPLACED + 1):
+        try:
+            with store.open_read(key, progress=progress) as stream:
+                man = archive.unpack(stream, dest, expected_digest=digest, settings=settings, rewrite=rewrite,
+                                     ops=ops)
+            break
+        except ObjectReplacedError as exc:
+            if restart == _RESTARTS_ON_REPLACED:
+                raise
+            log.info("bundle %s was rewritten in %s while it downloaded (%s); downloading it again",
+                     digest, store.url, exc)
     log.info("pulled bundle %s: %d files, %d bytes", digest, len(man.files), man.total_size)
     return man
 

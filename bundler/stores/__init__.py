@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from bundler.config import Settings
+from bundler.config import Settings, redact_url, refuse_credentials
 from bundler.errors import ConfigError
 from bundler.stores.base import ObjectInfo, Store
 from bundler.stores.local import LocalStore
@@ -38,6 +38,7 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> Stor
             "no store configured: pass --remote URL or set BUNDLER_REMOTE "
             "(s3://bucket/prefix, or file:///path for a local folder)"
         )
+    refuse_credentials(url)
     scheme = urlsplit(url).scheme
     if scheme == "s3":
         from bundler.stores.s3 import S3Store
@@ -46,7 +47,7 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> Stor
     if scheme in ("", "file"):
         return LocalStore.from_url(url)
     raise ConfigError(
-        f"unsupported store URL {url!r} (scheme {scheme!r}): use s3://bucket/prefix, file:///path or a plain path"
+        f"unsupported store URL {redact_url(url)!r} (scheme {scheme!r}): use s3://bucket/prefix, file:///path or a plain path"
     )
 
 

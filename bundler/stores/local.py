@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
+from bundler.config import redact_url
 from bundler.errors import AccessDeniedError, ConfigError, NotFoundError, StoreError
 from bundler.fileio import HOST, FileOps, owner_is_gone
 from bundler.progress import NULL_PROGRESS, Progress
@@ -43,6 +44,13 @@ _SWEEP_EVERY_S = 60.0
 _COPY_CHUNK = 1 << 20
 # link() errors that mean "this filesystem has no hard links", not "the name is taken".
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+#: How objects are opened for reading (see :meth:`LocalStore._open_object` for why each flag).
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# open() errors that mean "something is at the key, but no file": a link under O_NOFOLLOW (ELOOP on
+# Linux, EMLINK on the BSDs), a socket (ENXIO).
+_NOT_A_FILE_ERRNOS = {errno.ELOOP, errno.EMLINK, errno.ENXIO}
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"))
 
 
 def key_path(root: Path, key: str) -> Path:
@@ -97,28 +105,56 @@ class LocalStore(Store):
             return cls(url)
         if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
             raise ConfigError(
-                f"{url!r} is not a local directory URL: use file:///absolute/path (no host, no query)"
+                f"{redact_url(url)!r} is not a local directory URL: use file:///absolute/path (no host, no query)"
             )
         return cls(unquote(parts.path))
 
     # --- reading -------------------------------------------------------------------------------
 
     def open_read(self, key: str, *, progress: Progress = NULL_PROGRESS) -> BinaryIO:
+        file, size = self._open_object(key)
+        return _FileReader(file, progress, size).buffered()
+
+    def _open_object(self, key: str) -> tuple[BinaryIO, int]:
+        """The open file of ``key`` and its size; anything but a plain file reads as missing.
+
+        Steps, and why:
+        1. ``O_NONBLOCK``: opening a FIFO for reading waits for a writer, forever in a store (and
+           some devices wait too); non-blocking, open returns at once whatever is there;
+        2. ``O_NOFOLLOW``: writes publish files by rename, never links, so a link at a key is not
+           an object of ours, and following it could read anything this process may read;
+        3. ``fstat`` of the open descriptor, not ``stat`` of the path: what is checked is what is read;
+        4. not a regular file: NotFoundError, as :meth:`head` says (None), naming the path so
+           someone can remove it; a miss, so it never trips a store's breaker;
+        5. ``O_NONBLOCK`` cleared again, so reads of the file behave as usual.
+        """
         path = key_path(self.root, key)
         try:
-            file = path.open("rb")
-            size = os.fstat(file.fileno()).st_size
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            fd = os.open(path, _READ_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFoundError(f"{key!r} not found in {self.url}") from None
         except PermissionError as exc:
             raise AccessDeniedError(
                 f"cannot read {key!r} in {self.url}: {exc.strerror}; check permissions"
             ) from exc
-        return _FileReader(file, progress, size).buffered()
+        except OSError as exc:
+            if exc.errno in _NOT_A_FILE_ERRNOS:
+                raise _not_a_file(key, self.url, path, _kind(path)) from None
+            raise StoreError(f"cannot read {key!r} in {self.url} ({path}): {exc.strerror or exc}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _not_a_file(key, self.url, path, _kind_of(st.st_mode))
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb"), st.st_size
+        except BaseException:
+            os.close(fd)
+            raise
 
     def head(self, key: str) -> ObjectInfo | None:
+        """Like :meth:`open_read`: a link, folder, FIFO, socket or device at ``key`` is no object."""
         try:
-            st = key_path(self.root, key).stat()
+            st = os.lstat(key_path(self.root, key))
         except (FileNotFoundError, NotADirectoryError):
             return None
         return _info(key, st) if stat.S_ISREG(st.st_mode) else None
@@ -136,9 +172,11 @@ class LocalStore(Store):
                 if name.startswith(_HIDDEN) or not key.startswith(prefix):
                     continue
                 try:
-                    found.append((key, os.stat(os.path.join(dirpath, name))))
+                    st = os.lstat(os.path.join(dirpath, name))
                 except FileNotFoundError:  # deleted while we walked
                     continue
+                if stat.S_ISREG(st.st_mode):  # what open_read would refuse is no object (see head)
+                    found.append((key, st))
         for key, st in sorted(found, key=lambda item: item[0]):
             yield _info(key, st)
 
@@ -203,17 +241,21 @@ class LocalStore(Store):
         create-only write answer "already there" while the object is missing. Two writers that
         both find the key absent may then both publish. Create-only writes are for
         content-addressed keys (bundles, Triton files), where both write the same bytes and each
-        reader sees one whole file either way.
+        reader sees one whole file either way. A FIFO, socket, device or link at the key holds no
+        object (:meth:`head` says None), so it is replaced rather than taken for one.
         """
         try:
             self._ops.link(str(tmp), str(path))
         except FileExistsError:
-            return False
+            if not _holds_no_object(path):
+                return False
+            # A FIFO, socket, device or link reads as missing (head), so the key is free: replace it.
+            self._ops.replace(str(tmp), str(path))
         except OSError as exc:
             if exc.errno not in _NO_LINKS:
                 raise
             logger.debug("no hard links under %s (%s); create-only write checks, then replaces", self.root, exc)
-            if os.path.lexists(path):
+            if os.path.lexists(path) and not _holds_no_object(path):
                 return False
             self._ops.replace(str(tmp), str(path))
         _fsync_dir(path.parent)
@@ -259,6 +301,33 @@ def _abandoned_temp(name: str, mtime: float, cutoff: float) -> bool:
     if len(parts) == 4 and mtime < time.time() - _DEAD_WRITER_GRACE_S and owner_is_gone(parts):
         return True
     return mtime < cutoff
+
+
+def _holds_no_object(path: Path) -> bool:
+    """Something other than a file or folder is at ``path`` (a rename can replace it, not a folder)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False  # removed meanwhile: link again would race; the caller's answer stands
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _not_a_file(key: str, url: str, path: Path, kind: str) -> NotFoundError:
+    return NotFoundError(
+        f"{key!r} not found in {url}: {path} is {kind}, not a file kernel-bundler wrote, so the key reads "
+        "as missing; remove it (nothing of ours is lost)"
+    )
+
+
+def _kind(path: Path) -> str:
+    try:
+        return _kind_of(os.lstat(path).st_mode)
+    except OSError:
+        return "not a regular file"
+
+
+def _kind_of(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
 def _info(key: str, st: os.stat_result) -> ObjectInfo:

@@ -15,7 +15,9 @@ URL form::
     The signing region; default from ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / the profile.
 
 Credentials always come from the AWS chain (environment, ``AWS_PROFILE``, SSO, instance role), never
-from the URL, so URLs can be logged. Timeouts, retries and transfer sizes come from
+from the URL, so URLs can be logged: a URL with ``user:secret@`` in it is refused (without echoing
+the secret). A parameter given with an empty value is refused too, rather than silently meaning
+"the AWS default". Timeouts, retries and transfer sizes come from
 :class:`~bundler.config.Settings`.
 """
 
@@ -23,22 +25,25 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
-from bundler.config import Settings
+from bundler.config import Settings, redact_url, refuse_credentials
 from bundler.errors import ConfigError, NotFoundError
 from bundler.progress import NULL_PROGRESS, Progress
 from bundler.stores import s3_read, s3_write
 from bundler.stores.base import ObjectInfo, Store
 from bundler.stores.s3_client import ClientConfig, S3Object, get_client
-from bundler.stores.s3_errors import ErrorContext, translated
+from bundler.stores.s3_errors import ErrorContext, ForbiddenAsMissing, translated
 
 logger = logging.getLogger(__name__)
 
 _QUERY_KEYS = {"endpoint", "addressing", "region"}
 _ADDRESSING = {"path", "virtual", "auto"}
+#: botocore's own rule for bucket names (it refuses anything else at the first request).
+_BUCKET = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 
 
 class S3Store(Store):
@@ -57,12 +62,22 @@ class S3Store(Store):
     ) -> None:
         if not bucket:
             raise ConfigError("an S3 store needs a bucket: use s3://BUCKET/PREFIX")
+        if not _BUCKET.match(bucket):
+            refuse_credentials(f"s3://{bucket}/")
+            shown = "the bucket part of the URL" if ":" in bucket or "@" in bucket else repr(bucket)  # a secret?
+            raise ConfigError(
+                f"{shown} is not a bucket name: use letters, digits, '.', '-' and '_' (s3://BUCKET/PREFIX); "
+                "a server goes in ?endpoint=http://host:port"
+            )
         if addressing not in (None, *_ADDRESSING):
             raise ConfigError(f"addressing={addressing!r}: use path, virtual or auto")
+        if endpoint_url is not None:
+            _check_endpoint(endpoint_url)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.settings = settings or Settings.from_env()
         self.url = url or f"s3://{bucket}/{self.prefix}"
+        self._forbidden_as_missing = ForbiddenAsMissing(self.url)
         self._config = ClientConfig.make(
             self.settings,
             endpoint_url=endpoint_url or None,
@@ -73,16 +88,24 @@ class S3Store(Store):
     @classmethod
     def from_url(cls, url: str, settings: Settings | None = None) -> S3Store:
         """Parse ``s3://bucket/prefix?endpoint=...&addressing=...&region=...`` (see the module docs)."""
+        refuse_credentials(url)
         parts = urlsplit(url)
         query = parse_qs(parts.query, keep_blank_values=True)
         unknown = set(query) - _QUERY_KEYS
         if parts.scheme != "s3" or unknown or parts.fragment:
             raise ConfigError(
-                f"{url!r} is not a valid S3 store URL"
+                f"{redact_url(url)!r} is not a valid S3 store URL"
                 + (f" (unknown parameter {', '.join(sorted(unknown))})" if unknown else "")
                 + ": use s3://BUCKET/PREFIX with optional ?endpoint=URL&addressing=path|virtual|auto&region=NAME"
             )
         single = {name: values[-1] for name, values in query.items()}
+        blank = sorted(name for name, value in single.items() if not value.strip())
+        if blank:
+            raise ConfigError(
+                f"{url!r} gives {', '.join(f'{name}=' for name in blank)} with no value, which would silently fall "
+                "back to the default (for endpoint=, AWS itself instead of your server); give a value or leave the "
+                "parameter out"
+            )
         return cls(
             parts.netloc,
             parts.path,
@@ -116,7 +139,8 @@ class S3Store(Store):
     @property
     def _ctx(self) -> ErrorContext:
         endpoint = self._config.endpoint_url or self._client.meta.endpoint_url
-        return ErrorContext(bucket=self.bucket, endpoint=endpoint, settings=self.settings)
+        return ErrorContext(bucket=self.bucket, endpoint=endpoint, settings=self.settings,
+                            forbidden_as_missing=self._forbidden_as_missing)
 
     def _full_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -147,7 +171,8 @@ class S3Store(Store):
         )
 
     def head(self, key: str) -> ObjectInfo | None:
-        """None for a missing key. S3 answers HEAD without a body, so a missing bucket also reads as None."""
+        """None for a missing key. S3 answers HEAD without a body, so a missing bucket also reads as None,
+        and so does a 403, which is S3's answer for a missing key to callers without s3:ListBucket."""
         try:
             response = self._object(key).call("HeadObject")
         except NotFoundError:
@@ -167,7 +192,7 @@ class S3Store(Store):
 
     # --- housekeeping --------------------------------------------------------------------------
 
-    def abort_stale_uploads(self, older_than: float | dt.timedelta) -> list[str]:
+    def abort_stale_uploads(self, older_than: float | dt.timedelta, *, dry_run: bool = False) -> list[str]:
         """Abort multipart uploads under this store's prefix started more than ``older_than`` ago.
 
         Why: an upload whose process was killed (OOM, SIGKILL, a lost node) never completes or
@@ -176,7 +201,9 @@ class S3Store(Store):
         calls this. Keep ``older_than`` well above the longest upload (an hour is plenty): a
         younger upload may be a live push that aborting would fail. ``older_than`` is seconds or a
         timedelta. Returns the keys (relative to the store) of the uploads aborted; an upload
-        that completed or was aborted by someone else meanwhile is skipped.
+        that completed or was aborted by someone else meanwhile is skipped. ``dry_run`` aborts
+        nothing and returns the keys of the uploads it would abort (what ``bundler gc`` without
+        ``--yes`` shows).
         """
         age = older_than if isinstance(older_than, dt.timedelta) else dt.timedelta(seconds=older_than)
         if age < dt.timedelta(0):
@@ -190,6 +217,8 @@ class S3Store(Store):
                 for upload in page.get("Uploads", ()):
                     if upload["Key"].startswith(root) and upload["Initiated"] <= cutoff:
                         stale.append((upload["Key"][len(root) :], upload["UploadId"]))
+        if dry_run:
+            return [key for key, _ in stale]
         aborted = []
         for key, upload_id in stale:
             try:
@@ -200,3 +229,14 @@ class S3Store(Store):
                         upload_id, key, self.url)
             aborted.append(key)
         return aborted
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """``?endpoint=`` must be ``http(s)://host[:port]``; caught here, before any request, with the fix."""
+    refuse_credentials(endpoint, "the endpoint")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(
+            f"endpoint={endpoint!r} is not a server URL: write it as http(s)://host[:port], e.g. "
+            "?endpoint=http://127.0.0.1:9000"
+        )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import threading
 from collections.abc import Iterator
 
 from bundler.config import Settings
@@ -17,6 +19,8 @@ from bundler.errors import (
     AccessDeniedError,
     NoSuchBucketError,
     NotFoundError,
+    NotFoundOrDeniedError,
+    ObjectReplacedError,
     StoreError,
     StoreUnreachableError,
 )
@@ -37,19 +41,58 @@ _THROTTLE_CODES = {
     "ServiceUnavailable",
 }
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
+#: What a 403 to a read of one key looks like; HEAD has no body, so botocore's code is the status.
+_FORBIDDEN_CODES = {"AccessDenied", "Forbidden", "403", ""}
+_KEY_READS = {"HeadObject", "GetObject"}
+_MISSING_OR_DENIED = (
+    "S3 answers 403 for a missing key to callers without s3:ListBucket; if the object exists, allow "
+    "s3:GetObject on it for these credentials (AWS_PROFILE / AWS_ACCESS_KEY_ID)"
+)
+
+logger = logging.getLogger(__name__)
 _HOW_TO_CONFIGURE = (
     "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
     "credentials), or AWS_PROFILE naming a profile in ~/.aws/credentials"
 )
 
 
+class ForbiddenAsMissing:
+    """Warns once per store that a 403 to a read was taken for a missing key.
+
+    Why: S3 answers 403, not 404, to a HEAD or GET of a missing key when the caller lacks
+    s3:ListBucket, so every miss of a reader with a tight policy looks like "denied". Reading it as
+    a miss keeps misses cheap (no breaker trips, pushes proceed), but a real permission problem
+    would then pass as a cold cache; one warning per store says so without flooding the log.
+    """
+
+    def __init__(self, where: str) -> None:
+        self._where = where
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def note(self, action: str, target: str) -> None:
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        logger.warning(
+            "%s: %s %s answered 403, read as a missing key: %s. Later 403s to reads from this store are "
+            "read the same way without another warning; if cached objects keep missing, check that policy",
+            self._where, action, target, _MISSING_OR_DENIED,
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class ErrorContext:
-    """Where a request went, for messages: the bucket, the endpoint and the timeouts in force."""
+    """Where a request went, for messages: the bucket, the endpoint and the timeouts in force.
+
+    ``forbidden_as_missing`` is the store's warn-once for 403s read as misses (None: no warning).
+    """
 
     bucket: str
     endpoint: str
     settings: Settings
+    forbidden_as_missing: ForbiddenAsMissing | None = dataclasses.field(default=None, compare=False)
 
     def timeouts(self) -> str:
         s = self.settings
@@ -135,11 +178,18 @@ def _from_client_error(
         return AccessDeniedError(
             f"{action} {target}: the credentials were rejected ({code}: {message}); {_HOW_TO_CONFIGURE}"
         )
+    if action in _KEY_READS and code in _FORBIDDEN_CODES and (status == 403 or code):
+        if ctx.forbidden_as_missing is not None:
+            ctx.forbidden_as_missing.note(action, target)
+        return NotFoundOrDeniedError(
+            f"{key!r} not found in s3://{ctx.bucket} at {ctx.endpoint} (403: the key is missing, or these "
+            f"credentials may not read it); {_MISSING_OR_DENIED}"
+        )
     if code in ("AccessDenied", "AllAccessDisabled", "Forbidden") or status == 403:
         return AccessDeniedError(
             f"{action} {target}: access denied ({code or status}); check that these credentials "
-            f"(AWS_PROFILE / AWS_ACCESS_KEY_ID) are allowed s3:{_permission(action)} on the bucket "
-            "and key in the IAM or bucket policy"
+            f"(AWS_PROFILE / AWS_ACCESS_KEY_ID) are allowed {_needed(action, ctx.bucket)} in the IAM or "
+            "bucket policy"
         )
     if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException") or (
         status == 301
@@ -158,7 +208,7 @@ def _from_client_error(
             "BUNDLER_RETRY_MODE=adaptive / raise BUNDLER_MAX_ATTEMPTS"
         )
     if code == "PreconditionFailed" and action == "GetObject":
-        return StoreError(
+        return ObjectReplacedError(
             f"{action} {target}: the object was replaced while it was being read; retry the read"
         )
     if status >= 500:
@@ -167,6 +217,15 @@ def _from_client_error(
             "attempts; retry later or check the server's health"
         )
     return StoreError(f"{action} {target} failed: {code or status}: {message}")
+
+
+def _needed(action: str, bucket: str) -> str:
+    """The permission ``action`` needs, and on what: listing is granted on the bucket, not on keys."""
+    permission = _permission(action)
+    if permission in ("ListBucket", "ListBucketMultipartUploads"):
+        return (f"s3:{permission} on the bucket (arn:aws:s3:::{bucket}, with the store's prefix in its "
+                "s3:prefix condition)")
+    return f"s3:{permission} on the bucket and key"
 
 
 def _permission(action: str) -> str:
