@@ -95,8 +95,31 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
-#: This host's name as it appears in the names of temp and staging files (safe in a file name).
-HOST = "".join(c if c.isalnum() or c in "._" else "_" for c in os.uname().nodename)[:64] or "host"
+_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.")
+
+
+def host_tag(nodename: str) -> str:
+    """``nodename`` as it appears in the names of temp and staging files: safe in a file name, free
+    of ``-`` (the names are split on it), and one-to-one, so no two hosts get the same tag.
+
+    Letters, digits and ``.`` stay; ``_`` becomes ``__``; every other byte of the UTF-8 name
+    becomes ``_`` and two hex digits (``gpu-1`` -> ``gpu_2d1``, ``gpu_1`` -> ``gpu__1``: replacing
+    both with ``_`` made them one host, so each could sweep the other's live staging folders).
+    A tag over 64 characters keeps 47 of them and a hash of the whole name.
+    """
+    tag = "".join(
+        chr(b) if b in _PLAIN else "__" if b == 0x5F else f"_{b:02x}"
+        for b in nodename.encode("utf-8", "surrogateescape")
+    )
+    if len(tag) > 64:
+        import hashlib
+
+        tag = f"{tag[:47]}.{hashlib.sha256(nodename.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+    return tag or "host"
+
+
+#: This host's name as it appears in the names of temp and staging files (see :func:`host_tag`).
+HOST = host_tag(os.uname().nodename)
 
 
 def owner_is_gone(name_parts: list[str]) -> bool:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -77,7 +78,7 @@ def honest(files: Mapping[str, bytes]) -> tuple[bytes, str]:
 
 
 def snapshot(root: Path) -> dict[str, object]:
-    """Every path under ``root`` with its type and content, links not followed."""
+    """Every path under ``root`` with its type and content (of regular files), links not followed."""
     state: dict[str, object] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -87,8 +88,10 @@ def snapshot(root: Path) -> dict[str, object]:
                 state[rel] = ("link", os.readlink(path))
             elif path.is_dir():
                 state[rel] = ("dir",)
-            else:
+            elif path.is_file():
                 state[rel] = ("file", path.read_bytes())
+            else:  # a FIFO, socket or device: its kind, never its bytes (a FIFO read would block)
+                state[rel] = ("special", stat.S_IFMT(os.lstat(path).st_mode))
     return state
 
 

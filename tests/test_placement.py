@@ -13,6 +13,7 @@ import io
 import multiprocessing
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -217,6 +218,33 @@ def test_commit_failing_at_the_kth_move_leaves_the_destination_as_it_was(area, m
         assert "disk is full" in str(info.value)
     assert snapshot(area) == before  # old contents back, new files and folders gone, no staging
     assert os.stat(dest / "a/top.bin").st_mode == mode_before
+
+
+def _special(kind: str, path: Path) -> None:
+    if kind == "link":
+        os.symlink("real.json", path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.mknod(path, 0o600 | {"socket": stat.S_IFSOCK}[kind])
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo", "socket"])
+def test_roll_back_restores_a_link_fifo_or_socket_the_commit_replaced(area, kind):
+    """rollback_loses_link.py: only regular files were kept aside, so a roll-back unlinked the
+    new file and the user's link (or FIFO, socket) at that name was gone."""
+    dest = area / "dest"
+    write_tree(dest, {"k/real.json": b"target", "k/z.bin": b"old z"})
+    _special(kind, dest / "k/a.json")
+    out = io.BytesIO()
+    archive.pack({"k/a.json": b"new a", "k/z.bin": b"new z"}, out, settings=SETTINGS)
+    data = out.getvalue()
+    before = snapshot(area)
+    with pytest.raises(LocalCacheError, match="disk is full"):
+        unpack(data, dest, FailAt("replace", 2, errno.ENOSPC))  # k/a.json moved, then k/z.bin fails
+    assert snapshot(area) == before
+    unpack(data, dest)  # and a commit that succeeds replaces it like any file
+    assert (dest / "k/a.json").read_bytes() == b"new a" and not (dest / "k/a.json").is_symlink()
 
 
 class ReadOnlyFolder(FileOps):
@@ -477,3 +505,33 @@ def test_a_process_swapping_folders_for_links_never_gets_a_write_outside(area):
     assert list(outside.iterdir()) == []
     assert sum(outcomes.values()) > 5, outcomes
     assert not staging_left(dest)
+
+
+class _OtherUnpackThenFull(FileOps):
+    """At this unpack's first per-file move another unpack of ``data`` runs to success; then
+    the disk is full."""
+
+    def __init__(self, data: bytes, dest: Path) -> None:
+        self.data, self.dest, self.other = data, dest, None
+
+    def replace(self, src, dst, **kw) -> None:
+        if self.other is None:
+            self.other = archive.unpack(io.BytesIO(self.data), self.dest, settings=SETTINGS)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_failed_unpack_never_takes_back_files_a_concurrent_one_placed(area):
+    """concurrent_rollback.py: A moved the new folder ``fresh/`` whole, B (the same bundle)
+    merged into it and succeeded, then A failed and its undo renamed ``fresh/`` back into its
+    staging, B's files with it. Whole folders now move after every per-file move."""
+    dest = area / "dest"
+    out = io.BytesIO()
+    files = {"fresh/k/x.bin": b"x", "fresh/y.bin": b"y", "root.json": b"new root"}
+    archive.pack(files, out, settings=SETTINGS)
+    ops = _OtherUnpackThenFull(out.getvalue(), dest)
+    with pytest.raises(LocalCacheError, match="disk is full"):
+        unpack(out.getvalue(), dest, ops)
+    assert ops.other is not None  # B ran, and returned success: its files must stay
+    for name, data in files.items():
+        assert (dest / name).read_bytes() == data
+    assert staging_left(dest) == []

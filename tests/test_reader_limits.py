@@ -240,6 +240,31 @@ def test_a_flood_of_tiny_json_values_is_refused_before_it_is_parsed(tmp_path):
     assert peak < 8 * len(flood), peak
 
 
+def test_an_unterminated_string_of_escaped_quotes_is_refused(tmp_path):
+    """Guards the value count of ``manifest._check_shape`` against quadratic time.
+
+    ``"\\",\\",...``: an unterminated string of escaped quotes and commas (the reviewer's
+    regex_quadratic.py). The comma count is over the value limit, so the count outside strings
+    runs; the string pattern it used failed at every ``"`` after scanning to the end, so these
+    210 KB (a 113-byte bundle) held ``verify``, ``unpack`` and ``pull`` for over a minute. It is
+    refused as the invalid JSON it is, by every reader, without a deadline to save the suite.
+    """
+    text = b'"' + b'\\",' * 70_000
+    data = _with_manifest(text)
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        archive.read_manifest(io.BytesIO(data), settings=SETTINGS)
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        archive.unpack(io.BytesIO(data), tmp_path / "dest", settings=SETTINGS)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_value_flood_after_strings_with_escaped_quotes_is_still_counted(tmp_path):
+    """The count outside strings ends each string at its real closing quote, escapes included."""
+    flood = b'{"files":[],"format":1,"producer":{},"s":"\\"\\\\","x":[' + b"[]," * 100_000 + b"[]]}"
+    with pytest.raises(ManifestError, match="JSON values"):
+        archive.read_manifest(io.BytesIO(_with_manifest(flood)), settings=SETTINGS)
+
+
 def test_oversized_manifest_is_refused_unread_by_default(tmp_path):
     """A small bundle claiming a 48 MiB manifest: refused from its header, before reading it."""
     huge = manifest_bytes({}, producer={"pad": " " * (48 << 20)})

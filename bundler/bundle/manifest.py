@@ -52,7 +52,12 @@ _BYTES_PER_VALUE = 8
 _VALUE_SLACK = 4096
 # Patterns, compiled by ``re`` on first use: only malformed or unusual manifests need them, and
 # compiling both at import cost every command 0.3 ms.
-_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
+#: A JSON string, or an unterminated one running to the end of the data (which ``json.loads``
+#: refuses there, before it builds anything after it). Every ``"`` it is tried at matches, with
+#: possessive quantifiers and ``.`` taking newlines, so ``re.sub`` is one linear pass: a pattern
+#: that can fail, such as ``"[^"\\]*(?:\\.[^"\\]*)*"``, scans to the end from each ``"`` of an
+#: unterminated string of escaped quotes (``"\\",\\",...``), quadratic in the manifest's size.
+_STRING = rb'(?s)"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)'
 _SHA256 = r"[0-9a-f]{64}"
 
 

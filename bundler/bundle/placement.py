@@ -18,8 +18,10 @@ Steps, and why each exists:
    the check cannot redirect a single write: the descriptor still names the folder we checked.
    A top-level folder the root does not have yet (a fresh cache, or a kernel this node never
    compiled) moves with one ``rename`` of the whole staged subtree: 630 renames instead of 4,410
-   for the benchmark corpus, and a rename never follows a link at its target. Everything else
-   moves per file; a file it replaces is first hard-linked into staging, so the move can be
+   for the benchmark corpus, and a rename never follows a link at its target. Those renames
+   come after every per-file move, so that little can fail after them: undoing one would also
+   take away files that another unpack of the same bundle merged into the folder meanwhile, and
+   reported as placed. Everything else moves per file; a file it replaces is first hard-linked into staging, so the move can be
    undone, and readers still see either the old file or the complete new one.
 6. Confirm: each folder written into must still be the one its parent names. A folder swapped
    meanwhile (the writes went into the real folder, wherever it now is) fails the unpack with
@@ -35,7 +37,8 @@ Steps, and why each exists:
 Two processes placing the same bundle both succeed, because identical files simply replace each
 other and a subtree rename that loses the race falls back to per-file moves. Locks would only
 save duplicate work (huggingface_hub's lesson: ``flock`` silently succeeds on some network
-filesystems), so correctness never depends on one.
+filesystems), so correctness never depends on one. (A staging folder's ``flock`` only tells a
+sweep that its unpack is alive: a guard beside the pid in its name and the hour, see ``_hold``.)
 
 What a SIGKILL in the middle of a commit can leave: the files moved so far (each one complete,
 never a torn file, each either the old or the new version), folders the commit created, and the
@@ -48,6 +51,7 @@ process's staging folder at once (its pid is in the name), others after an hour.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -127,7 +131,9 @@ class _Entry:
         self.folder = folder  # below the root, as the bundle names it ("" for the root itself)
         self.name = name
         self.rel = rel
-        self.old_mode = old_mode  # permission bits of the regular file it replaces, if any
+        # st_mode of what it replaces, if anything: a regular file, or a link, FIFO, socket or
+        # device a user keeps there (any of them is kept aside, so a failed commit puts it back)
+        self.old_mode = old_mode
 
 
 class Placement:
@@ -222,16 +228,21 @@ class Placement:
 
     def _commit(self, journal: list[tuple]) -> None:
         whole, each = self._plan()
-        entries = self._check(each)
+        self._move_files(self._check(each), journal)
+        # Whole folders move last. Once one is in place, another process placing the same bundle
+        # may merge into it and return; undoing the rename would take its files away too. So
+        # after them only the confirmation, and the merge of a folder that lost its race, remain
+        # to fail.
+        lost: list[tuple[_Root, str, str]] = []
         for root, top in whole:
             self._where = os.path.join(root.path, top)
-            if self._move_subtree(root, top, journal):
-                continue
-            # Lost a race: another process (most likely placing this same bundle) made the
-            # folder meanwhile. Merge file by file, checked like any existing folder; a refusal
-            # now undoes the folders already moved, so it still leaves the roots as they were.
-            entries.extend(self._check([m for m in self._moves if m[0] is root and m[1] == top]))
-        self._move_files(entries, journal)
+            if not self._move_subtree(root, top, journal):
+                # Lost a race: another process (most likely placing this same bundle) made the
+                # folder meanwhile. Merge file by file, checked like any existing folder; a refusal
+                # undoes everything moved so far, so it still leaves the roots as they were.
+                lost.extend(m for m in self._moves if m[0] is root and m[1] == top)
+        if lost:
+            self._move_files(self._check(lost), journal)
         self._confirm(journal)
         self._committed = True
 
@@ -274,8 +285,7 @@ class Placement:
                     raise UnsafeMemberError(
                         f"{os.path.join(root.path, rel)} is a directory, but the bundle has a file there"
                     )
-                if mode is not None and stat.S_ISREG(mode):
-                    old_mode = stat.S_IMODE(mode)
+                old_mode = mode
             entries.append(_Entry(root, folder, name, rel, old_mode))
         return entries
 
@@ -312,15 +322,24 @@ class Placement:
             if entry.old_mode is not None:
                 # A replaced file keeps its privacy: never more open than it was, nor than the
                 # umask makes a new file (a 0600 file stays 0600; a 0666 one becomes 0644).
-                if staged_mode is None:
-                    staged_mode = stat.S_IMODE(os.stat(entry.rel, dir_fd=root.tree_fd).st_mode)
-                mode = staged_mode & entry.old_mode
-                if mode != staged_mode:
-                    self._ops.chmod(entry.rel, mode, dir_fd=root.tree_fd)
-                aside = root.keep_old(fd, name)
-                if aside is not None:
-                    journal.append(("old", root, real, name, aside))
+                # A replaced link, FIFO or socket has no privacy to keep, only itself.
+                if stat.S_ISREG(entry.old_mode):
+                    if staged_mode is None:
+                        staged_mode = stat.S_IMODE(os.stat(entry.rel, dir_fd=root.tree_fd).st_mode)
+                    mode = staged_mode & stat.S_IMODE(entry.old_mode)
+                    if mode != staged_mode:
+                        self._ops.chmod(entry.rel, mode, dir_fd=root.tree_fd)
+                kept = root.keep_old(fd, name)
+                if kept is not None:
+                    aside, linked = kept
+                    # Moved aside, the name is empty: the old file goes back whatever happens
+                    # next. Hard-linked, the name holds the old file, or whatever a concurrent
+                    # unpack put there, until our replace succeeds: only then is it ours to undo.
+                    if not linked:
+                        journal.append(("old", root, real, name, aside))
                     self._ops.replace(entry.rel, name, src_dir_fd=root.tree_fd, dst_dir_fd=fd)
+                    if linked:
+                        journal.append(("old", root, real, name, aside))
                     continue
             self._ops.replace(entry.rel, name, src_dir_fd=root.tree_fd, dst_dir_fd=fd)
             journal.append(("new", root, real, name))
@@ -390,7 +409,8 @@ class _Root:
                 return
             except FileNotFoundError:
                 # A concurrent unpack that created this root gave up and removed it (it was
-                # empty) between our open and our mkdir. Try again: it is ours to create now.
+                # empty) between our open and our mkdir, or a sweep took our fresh staging
+                # folder for a dead process's (see _hold). Try again: it is ours to create now.
                 os.close(self.fd)
                 self.fd = -1
                 if attempt == 4:
@@ -443,7 +463,13 @@ class _Root:
         self.staging = name
         self.staging_fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
         self._staging_id = _identity(os.fstat(self.staging_fd))
-        self.ops.mkdir(_TREE, 0o700, dir_fd=self.staging_fd)
+        try:
+            _hold(self.staging_fd, os.path.join(self.path, name))
+            self.ops.mkdir(_TREE, 0o700, dir_fd=self.staging_fd)
+        except FileNotFoundError:  # a sweep took our fresh folder: open() makes another
+            os.close(self.staging_fd)
+            self.staging_fd, self.staging = -1, ""
+            raise
         self.tree_fd = os.open(_TREE, _DIR_FLAGS, dir_fd=self.staging_fd)
 
     def make_staged_dir(self, rel: str) -> None:
@@ -457,8 +483,9 @@ class _Root:
             pass
         self.staged_dirs.add(rel)
 
-    def keep_old(self, fd: int, name: str) -> str | None:
-        """Keep the file about to be replaced, so a failed commit can put it back.
+    def keep_old(self, fd: int, name: str) -> tuple[str, bool] | None:
+        """Keep the file about to be replaced, so a failed commit can put it back: its name in
+        staging, and whether it was hard-linked there (True) or moved (False); None if it is gone.
 
         A hard link into staging keeps readers seeing a file at every moment. Where hard links
         are not possible the old file is moved aside instead (a brief gap for readers).
@@ -470,6 +497,7 @@ class _Root:
         aside = str(self._aside)
         try:
             self.ops.link(name, aside, src_dir_fd=fd, dst_dir_fd=self.old_fd, follow_symlinks=False)
+            return aside, True
         except FileNotFoundError:
             return None  # gone meanwhile: nothing to keep
         except OSError as exc:
@@ -479,7 +507,7 @@ class _Root:
                 self.ops.rename(name, aside, src_dir_fd=fd, dst_dir_fd=self.old_fd)
             except FileNotFoundError:
                 return None
-        return aside
+        return aside, False
 
     def close(self, *, remove_created: bool) -> None:
         self.folders.close()
@@ -727,5 +755,47 @@ def _sweep_stale_staging(root_fd: int, root: str) -> None:
     except OSError:
         return
     for name in stale:
-        log.info("removing %s, left behind by an interrupted unpack", os.path.join(root, name))
-        _remove_tree(name, root_fd)
+        fd = _claim(name, root_fd)
+        if fd is None:
+            continue
+        try:
+            log.info("removing %s, left behind by an interrupted unpack", os.path.join(root, name))
+            _remove_tree(name, root_fd)
+        finally:
+            os.close(fd)
+
+
+def _hold(fd: int, shown: str) -> None:
+    """Lock our new staging folder for as long as this unpack keeps it open (its lifetime).
+
+    The pid in the folder's name cannot tell a live owner from a dead one across pid namespaces
+    (containers of one host name sharing a cache: hostNetwork pods, a shared hostPath or NFS
+    cache), so :func:`_claim` takes the lock before a sweep: a held lock is a live owner.
+    Where ``flock`` does not work (some network filesystems refuse it on a folder) the name
+    and the hour rule stay the only guards, as before. The lock is taken before anything is
+    staged; if a sweep got there first (it took our fresh folder for a dead process's), the
+    folder is being removed and this unpack makes another.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FileNotFoundError(errno.ENOENT, "staging folder taken by a sweep", shown) from None
+    except OSError:
+        return
+
+
+def _claim(name: str, root_fd: int) -> int | None:
+    """A descriptor of abandoned-looking staging folder ``name`` holding its lock, or None when
+    its unpack is alive (it holds the lock: see :func:`_hold`) or it is gone already."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass  # no locks here: the name and the hour decide, as they did
+    return fd

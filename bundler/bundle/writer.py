@@ -13,10 +13,12 @@ one written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -32,6 +34,9 @@ from bundler.errors import BundlerError, LimitExceededError, LocalFileNotFoundEr
 from bundler.frozen import Frozen
 
 Source = Path | str | Mapping[str, Path | str | bytes]
+#: One member to pack: its name, its bytes or the path of the file holding them, and for a file
+#: found by walking a directory the (st_dev, st_ino) the walk saw there (None for named files).
+_Item = tuple[str, str | bytes, tuple[int, int] | None]
 
 _CHUNK = 1 << 20
 #: Compressed member data is spooled in memory up to this size while the manifest is computed.
@@ -62,7 +67,7 @@ class PackResult(Frozen):
         object.__setattr__(self, "compressed_size", compressed_size)
 
 
-def _collect(source: Source, settings: Settings) -> list[tuple[str, str | bytes]]:
+def _collect(source: Source, settings: Settings) -> list[_Item]:
     """The members to pack in stream order, refused up front when a reader with these settings
     would refuse them.
 
@@ -70,10 +75,12 @@ def _collect(source: Source, settings: Settings) -> list[tuple[str, str | bytes]
     length, UTF-8), so ``pack`` never writes a bundle that ``unpack`` cannot place.
     """
     if isinstance(source, Mapping):
-        items = [(name, data if isinstance(data, bytes) else os.fspath(data)) for name, data in source.items()]
+        items: list[_Item] = [
+            (name, data if isinstance(data, bytes) else os.fspath(data), None) for name, data in source.items()
+        ]
     else:
         items = list(_walk(Path(source)))
-    for name, origin in items:
+    for name, origin, _ in items:
         try:
             manifest.check_path(name)
         except UnsafeMemberError as exc:
@@ -88,11 +95,14 @@ def _collect(source: Source, settings: Settings) -> list[tuple[str, str | bytes]
     return items
 
 
-def _walk(root: Path) -> Iterator[tuple[str, str]]:
-    """Every regular file under ``root`` as (relative posix name, path), via scandir's cached types.
+def _walk(root: Path) -> Iterator[_Item]:
+    """Every regular file under ``root`` as (relative posix name, path, (st_dev, st_ino)), via
+    scandir's cached types.
 
     pathlib per file cost as much as compressing a small cache; DirEntry answers is-it-a-link
-    and is-it-a-file from the directory listing itself on Linux.
+    and is-it-a-file from the directory listing itself on Linux. The identity comes from one
+    ``lstat`` per file; ``_put_file`` reads only the very file it names, so a folder on the path
+    swapped for a link between this walk and the read cannot redirect the read.
     """
     if not root.is_dir():
         if not root.exists():
@@ -110,7 +120,8 @@ def _walk(root: Path) -> Iterator[tuple[str, str]]:
                     if not entry.name.startswith(STAGING_PREFIX):
                         pending.append((entry.path, name + "/"))
                 elif entry.is_file():
-                    yield name, entry.path
+                    st = entry.stat(follow_symlinks=False)
+                    yield name, entry.path, (st.st_dev, st.st_ino)
                 else:
                     raise UnsafeMemberError(
                         f"cannot pack {entry.path}: not a regular file (bundles hold regular files only)"
@@ -163,20 +174,58 @@ class _Spool:
             self._pos = 0
 
 
-def _put_file(origin: str, name: str, out: _Spool) -> tuple[int, hashlib._Hash]:
-    """Header and bytes of one source file into ``out``: its size and sha256, the file read once.
+#: How a source file is opened: never through a link at its name (a link planted in a shared
+#: cache would pack its target, ``~/.ssh/id_rsa`` say, into a bundle others pull), and without
+#: waiting on a FIFO's writer, which would hold ``pack`` forever.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
-    Each read asks for one byte more than the size the header promised, so a file that grew
-    while it was read is an error (the header is already written), as is one that shrank. A
-    short read ends the file (regular files come back short only there), so a small file takes
-    one ``readv``.
+
+def _open_source(origin: str, name: str, expect: tuple[int, int] | None) -> tuple[int, int]:
+    """An open descriptor on the regular file at ``origin`` and its size; the same policy for
+    files named by a mapping as for files a directory walk found.
+
+    Steps, and why:
+
+    1. ``open`` with :data:`_OPEN_FLAGS`: a link at ``origin`` fails there (ELOOP), a FIFO opens
+       at once instead of blocking.
+    2. ``fstat`` the descriptor: anything but a regular file (FIFO, socket, device, folder) is
+       refused, named, as the walk refuses it.
+    3. For a walked file, the descriptor's (st_dev, st_ino) must be the walk's: a folder on the
+       path swapped for a link since the walk, or the file replaced, is refused.
+
+    The descriptor is the caller's to close.
     """
     try:
-        fd = os.open(origin, os.O_RDONLY)
+        fd = os.open(origin, _OPEN_FLAGS)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeMemberError(_link_message(Path(origin))) from None
         raise BundlerError(f"cannot read {origin} to pack it as {name!r}: {exc.strerror or exc}") from exc
     try:
-        size = _read(os.fstat, origin, name, fd).st_size
+        st = _read(os.fstat, origin, name, fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeMemberError(f"cannot pack {origin}: not a regular file (bundles hold regular files only)")
+        if expect is not None and (st.st_dev, st.st_ino) != expect:
+            raise UnsafeMemberError(
+                f"cannot pack {origin}: it is not the file found there when the folder was listed (it, or a "
+                "folder above it, was replaced: by a link, or by another process); pack again once the cache is quiet"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _put_file(origin: str, name: str, out: _Spool, expect: tuple[int, int] | None = None) -> tuple[int, hashlib._Hash]:
+    """Header and bytes of one source file into ``out``: its size and sha256, the file read once.
+
+    The file is opened by :func:`_open_source`. Each read asks for one byte more than the size
+    the header promised, so a file that grew while it was read is an error (the header is
+    already written), as is one that shrank. A short read ends the file (regular files come back
+    short only there), so a small file takes one ``readv``.
+    """
+    fd, size = _open_source(origin, name, expect)
+    try:
         out.put(tarformat.file_header(name, size))
         digest = hashlib.sha256()
         remaining = size
@@ -211,18 +260,18 @@ def _changed(origin: str) -> BundlerError:
     return BundlerError(f"{origin} changed size while it was being packed; pack again once the cache is quiet")
 
 
-def _write_members(items: list[tuple[str, str | bytes]], writer: BinaryIO, max_bytes: int) -> list[FileRecord]:
+def _write_members(items: list[_Item], writer: BinaryIO, max_bytes: int) -> list[FileRecord]:
     """Stream every member into ``writer`` while hashing it: each file is read exactly once."""
     records = []
     total = 0
     out = _Spool(writer)
-    for name, origin in items:
+    for name, origin, expect in items:
         if isinstance(origin, bytes):
             size, digest = len(origin), hashlib.sha256(origin)
             out.put(tarformat.file_header(name, size))
             out.put(origin)
         else:
-            size, digest = _put_file(origin, name, out)
+            size, digest = _put_file(origin, name, out, expect)
         out.put(_ZEROS[: tarformat.padding(size)])
         records.append(FileRecord(name, size, digest.hexdigest()))
         total += size
