@@ -99,33 +99,64 @@ def _walk(root: Path) -> Iterator[_Item]:
     """Every regular file under ``root`` as (relative posix name, path, (st_dev, st_ino)), via
     scandir's cached types.
 
-    pathlib per file cost as much as compressing a small cache; DirEntry answers is-it-a-link
-    and is-it-a-file from the directory listing itself on Linux. The identity comes from one
-    ``lstat`` per file; ``_put_file`` reads only the very file it names, so a folder on the path
-    swapped for a link between this walk and the read cannot redirect the read.
+    pathlib per file cost as much as compressing a small cache; DirEntry answers is-it-a-link,
+    is-it-a-file and the inode number from the directory listing itself on Linux. Each folder is
+    opened with ``O_NOFOLLOW`` and must be the folder its parent listed (device and inode), so a
+    folder swapped for a link while the walk runs is refused rather than listed; ``_put_file``
+    then opens only the very file the walk saw, so a swap after the walk cannot redirect a read
+    either. That costs an open per folder, not a ``stat`` per file (which cost 2-3% of a pack).
+    A folder or file that is a mount point (another device) is refused the same way.
     """
     if not root.is_dir():
         if not root.exists():
             raise LocalFileNotFoundError(f"cannot pack {root}: no such directory")
         raise BundlerError(f"cannot pack {root}: not a directory")
-    pending = [(os.fspath(root), "")]
+    pending: list[tuple[str, str, tuple[int, int] | None]] = [(os.fspath(root), "", None)]
     while pending:
-        folder, prefix = pending.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                name = prefix + entry.name
-                if entry.is_symlink():
-                    raise UnsafeMemberError(_link_message(Path(entry.path)))
-                if entry.is_dir():
-                    if not entry.name.startswith(STAGING_PREFIX):
-                        pending.append((entry.path, name + "/"))
-                elif entry.is_file():
-                    st = entry.stat(follow_symlinks=False)
-                    yield name, entry.path, (st.st_dev, st.st_ino)
-                else:
-                    raise UnsafeMemberError(
-                        f"cannot pack {entry.path}: not a regular file (bundles hold regular files only)"
-                    )
+        folder, prefix, expect = pending.pop()
+        # The root itself may be a link (a cache folder configured through one); nothing below it.
+        try:
+            fd = os.open(folder, _DIR_FLAGS if expect is not None else _DIR_FLAGS & ~os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped for a link or a file since listed
+                raise UnsafeMemberError(_replaced_message(folder)) from None
+            raise BundlerError(f"cannot list {folder} to pack it: {exc.strerror or exc}") from exc
+        try:
+            st = os.fstat(fd)
+            if expect is not None and (st.st_dev, st.st_ino) != expect:
+                raise UnsafeMemberError(_replaced_message(folder))
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    name = prefix + entry.name
+                    path = os.path.join(folder, entry.name)
+                    if entry.is_symlink():
+                        raise UnsafeMemberError(_link_message(Path(path)))
+                    if entry.is_dir():
+                        if not entry.name.startswith(STAGING_PREFIX):
+                            pending.append((path, name + "/", (st.st_dev, entry.inode())))
+                    elif entry.is_file():
+                        yield name, path, (st.st_dev, entry.inode())
+                    else:
+                        raise UnsafeMemberError(
+                            f"cannot pack {path}: not a regular file (bundles hold regular files only)"
+                        )
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeMemberError(_link_message(Path(folder))) from None
+            raise BundlerError(f"cannot list {folder} to pack it: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _replaced_message(path: str) -> str:
+    return (
+        f"cannot pack {path}: it is not the file found there when the folder was listed (it, or a "
+        "folder above it, was replaced: by a link, or by another process; or it is a mount point); "
+        "pack again once the cache is quiet"
+    )
 
 
 def _link_message(path: Path) -> str:
@@ -206,10 +237,7 @@ def _open_source(origin: str, name: str, expect: tuple[int, int] | None) -> tupl
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeMemberError(f"cannot pack {origin}: not a regular file (bundles hold regular files only)")
         if expect is not None and (st.st_dev, st.st_ino) != expect:
-            raise UnsafeMemberError(
-                f"cannot pack {origin}: it is not the file found there when the folder was listed (it, or a "
-                "folder above it, was replaced: by a link, or by another process); pack again once the cache is quiet"
-            )
+            raise UnsafeMemberError(_replaced_message(origin))
     except BaseException:
         os.close(fd)
         raise
