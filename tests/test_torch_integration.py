@@ -49,9 +49,21 @@ def isolated_inductor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                  "BUNDLER_TAG", "BUNDLER_REMOTE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("BUNDLER_CACHE_DIR", str(tmp_path / "bundler"))  # where pulls record what is unpacked
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     return tmp_path / "inductor"
+
+
+def _build_header(monkeypatch: pytest.MonkeyPatch, pch: Path, body: bytes = b"precompiled") -> Path:
+    """What Inductor's header build leaves, the way it does it: the ``.h`` through
+    ``codecache.write`` into its header folder (what a session watches), then the ``.gch`` beside it."""
+    from torch._inductor import codecache
+
+    monkeypatch.setattr(codecache, "_HEADER_DIR", str(pch))  # Inductor computed its own at import
+    _, path = codecache.write(f"#include <{body.hex()[:16]}.h>\n", "h", specified_dir=str(pch))
+    Path(path + ".gch").write_bytes(body)
+    return Path(path)
 
 
 # --- facts ----------------------------------------------------------------------------------------
@@ -295,6 +307,7 @@ def test_a_missing_header_bundle_still_hits(
         store.delete(key)
         session = bt.CompileCache(local_store_url, push=False).begin()
         assert session.status == "hit", session.reason
+        session.wait(everything=True)  # end() of a session that pushes nothing does not wait for the headers
         session.end()
     assert "precompiled headers" in caplog.text and "not installed" in caplog.text
     assert not list(isolated_inductor.parent.rglob("c1.h.gch"))
@@ -315,8 +328,7 @@ def test_an_offline_copy_of_a_torch_ref_hits_with_its_headers_at_another_path(
     entry = isolated_inductor / "fxgraph" / "ab" / "fkey" / "entry"
     entry.parent.mkdir(parents=True)
     entry.write_bytes(pickle.dumps({"kernel": str(isolated_inductor / "xy" / "k.py")}, protocol=4))
-    producer_pch.mkdir(parents=True)
-    (producer_pch / "c1.h.gch").write_bytes(b"precompiled")
+    header = _build_header(monkeypatch, producer_pch)
     session.end()
     assert "pushed" in session.summary_line(), session.summary_line()
 
@@ -341,14 +353,14 @@ def test_an_offline_copy_of_a_torch_ref_hits_with_its_headers_at_another_path(
     assert warm.status == "hit", warm.reason
     pch = warm.dirs.pch
     assert pch is not None and pch != producer_pch
-    assert (pch / "c1.h.gch").read_bytes() == b"precompiled"
+    assert (pch / (header.name + ".gch")).read_bytes() == b"precompiled"
     moved = pickle.loads((consumer / "inductor" / "fxgraph" / "ab" / "fkey" / "entry").read_bytes())
     assert moved == {"kernel": str(consumer / "inductor" / "xy" / "k.py")}
     warm.end()
 
 
 def test_a_ref_never_names_an_early_pushed_header_bundle_that_is_gone(
-    isolated_inductor: Path, local_store_url: str
+    isolated_inductor: Path, local_store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The header is pushed when the first compile returns; the ref is written at the end, maybe
     hours later, and gc may have collected the unnamed header bundle meanwhile. The end then
@@ -359,9 +371,7 @@ def test_a_ref_never_names_an_early_pushed_header_bundle_that_is_gone(
 
     session = bt.CompileCache(local_store_url, background=False).begin()
     assert session.status == "miss"
-    pch = session.dirs.pch
-    pch.mkdir(parents=True)
-    (pch / "c1.h.gch").write_bytes(b"precompiled")
+    _build_header(monkeypatch, session.dirs.pch)
     torch_gate._run_after_compile()  # what the gate does when Inductor's compile returns
     assert session._early_thread is not None
     session._early_thread.join(60)
@@ -683,3 +693,168 @@ def test_a_forked_child_never_waits_for_the_parents_fetch(isolated_inductor: Pat
             store.release.set()
             session.end()
     assert session.status == "miss"
+
+
+# --- the job's own thread, ranks, and sessions that end early -------------------------------------
+
+
+def test_settings_set_in_code_give_one_ref_in_the_background_and_in_the_foreground(
+    isolated_inductor: Path, local_store_url: str
+) -> None:
+    """torch 2.13 keeps setting overrides per thread: the fetch thread must not compute the facts
+    from the defaults. A job that set max_autotune before begin() gets its own ref whether the
+    fetch runs in the background or not, and its ref's extra records the settings of begin time."""
+    from bundler.remote.refs import read_ref
+
+    def ref_of(background: bool) -> str:
+        session = bt.CompileCache(settings=Settings(remote=None), background=background).begin()
+        ref = session.ref
+        session.end()
+        return ref
+
+    default = ref_of(True)
+    with torch._inductor.config.patch(max_autotune=True):
+        background, foreground = ref_of(True), ref_of(False)
+        session = bt.CompileCache(local_store_url).begin()
+        assert session.status == "miss"
+    assert background == foreground != default
+    assert session.ref == background
+    (isolated_inductor / "ab").mkdir(parents=True)
+    (isolated_inductor / "ab" / "k.main.so").write_bytes(b"built")
+    session.end()  # the job's thread is out of the patch by now: the ref still says what it began with
+    with open_store(local_store_url) as store:
+        found = read_ref(store, session.ref, Settings())
+    assert found.extra["inductor_settings"]["max_autotune"] == "True"
+    assert found.producer["inductor_config"] == bt._settings_hash(found.extra["inductor_settings"])
+
+
+@pytest.mark.parametrize("shared_state", [True, False], ids=["node-lock", "no-node-lock"])
+def test_ranks_sharing_a_cache_dir_neither_repush_nor_fail_strict_mode(
+    isolated_inductor: Path, local_store_url: str, tmp_path: Path, shared_state: bool
+) -> None:
+    """DDP ranks of one host share the cache dirs and hit the same bundle. With the node lock the
+    later rank finds the bundle unpacked and reads none of it; without it (a state folder per
+    rank) it unpacks again, writing the same bytes over files the first rank already counted:
+    content, not mtimes, says nothing was added, so no rank pushes and strict mode passes."""
+    facts = bt.environment_facts("")
+    files = {"inductor/ab/cab.main.so": b"so" * 100, "inductor/fxgraph/ab/fkey/e": b"entry",
+             "inductor/aotautograd/akey/e": b"aot"}
+    if not shared_state:  # a relocated entry too: its bytes on disk are not the manifest's
+        files["inductor/fxgraph/cd/fkey2/e"] = pickle.dumps({"kernel": "/producer/inductor/xy/k.py"}, protocol=4)
+    with open_store(local_store_url) as raw:
+        transfer.push(raw, files, ref=bt.ref_name(facts), producer=facts,
+                      ref_extra={"dirs": {"inductor": "/producer/inductor"}})
+        rank0 = bt.CompileCache(local_store_url, strict=True).begin()
+        assert rank0.status == "hit", rank0.reason
+        state = {} if shared_state else {"settings": Settings.from_env().replace(cache_dir=tmp_path / "rank1")}
+        store = _CountingStore(raw)
+        rank1 = bt.CompileCache(local_store_url, strict=True, store=store, **state).begin()
+        assert rank1.status == "hit", rank1.reason
+        rank1.end()
+        assert store.bundle_reads == (0 if shared_state else 1)
+        rank0.end()  # strict: raises IncompleteWarmStart if the rewritten files count as built
+    assert rank0.pushed_bytes == 0 and "C++ builds 0" in rank0.summary_line()
+
+
+class _FailingReader:
+    """A store helper whose constructor fails the way a helper process that died at once does."""
+
+    def __init__(self, settings: Settings) -> None:
+        from bundler.errors import StoreUnreachableError
+
+        raise StoreUnreachableError("the helper process reading the store stopped ([Errno 32] Broken pipe)")
+
+
+@pytest.mark.parametrize("where", ["store constructor", "header gate"])
+def test_begin_never_raises_and_takes_back_what_it_installed(
+    isolated_inductor: Path, local_store_url: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, where: str,
+) -> None:
+    from bundler.integrations import torch_gate, torch_lookups
+    from bundler.stores import proxy
+
+    if where == "store constructor":
+        monkeypatch.setattr(proxy, "wanted", lambda settings: True)
+        monkeypatch.setattr(proxy, "ProxyStore", _FailingReader)
+    else:
+        def broken(*args: object, **kwargs: object) -> bool:
+            raise AttributeError("module 'torch._inductor.codecache' has no attribute '_HEADER_DIR'")
+
+        monkeypatch.setattr(torch_gate, "hold_headers_until", broken)
+    session = bt.CompileCache(local_store_url).begin()
+    assert session.status == "error"
+    assert caplog.text.count("torch compile cache off: the session could not start") == 1
+    assert session not in [getattr(r, "__self__", None) for r in torch_gate._after_compile]
+    assert all(hold.ready is not session._done for hold in torch_gate._pending)
+    assert torch_lookups.LookupRecorder.hooks._recorders == ()
+    torch_gate.wait_pending()  # nothing left for a compile to wait for
+    session.end()
+
+
+@pytest.mark.parametrize("how", ["job failed", "nothing to push"])
+def test_a_session_that_pushes_nothing_does_not_wait_for_the_miss_explanation(
+    isolated_inductor: Path, local_store_url: str, how: str
+) -> None:
+    """Naming the nearest bundle lists the prefix (seconds on a real bucket, bounded only by the
+    pull budget): a job that failed, or that will push nothing, must not wait for it at the end."""
+    import time
+
+    facts = bt.environment_facts("")
+    with open_store(local_store_url) as raw:
+        _push_fake(raw, {**facts, "tag": "nightly"}, "torch/elsewhere")
+        store = _HeldListing(raw)
+        try:
+            started = time.monotonic()
+            if how == "job failed":
+                with pytest.raises(RuntimeError, match="out of memory"), \
+                        bt.CompileCache(local_store_url, store=store) as session:
+                    assert session.status == "miss"
+                    raise RuntimeError("CUDA out of memory (the job's own error)")
+            else:
+                session = bt.CompileCache(local_store_url, store=store, push=False).begin()
+                assert session.status == "miss"
+                session.end()
+            assert time.monotonic() - started < 10, "end() waited for the listing"
+            assert not store.release.is_set()
+        finally:
+            store.release.set()
+
+
+def test_only_this_jobs_headers_are_bundled_and_counted(
+    isolated_inductor: Path, local_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header folder is Inductor's default one, shared by every job of the user: headers other
+    jobs left there, or build meanwhile, are neither pushed with this job's bundle nor counted as
+    this job's C++ builds in strict mode."""
+    from bundler.remote.refs import read_ref
+
+    pch = bt.cache_dirs().pch
+    pch.mkdir(parents=True)
+    (pch / "other_venv.h").write_text("#include <x.h>\n")
+    (pch / "other_venv.h.gch").write_bytes(b"another job's header")
+    session = bt.CompileCache(local_store_url).begin()
+    assert session.status == "miss"
+    ours = _build_header(monkeypatch, pch)
+    (pch / "built_meanwhile.h.gch").write_bytes(b"another process's build")
+    (isolated_inductor / "ab").mkdir(parents=True)
+    (isolated_inductor / "ab" / "k.main.so").write_bytes(b"built by this job")
+    session.end()
+    with open_store(local_store_url) as store:
+        found = read_ref(store, session.ref, Settings())
+        assert found.extra["bundles"]["pch"]["files"] == 2  # ours: the .h and its .gch
+        warm = bt.CompileCache(local_store_url, strict=True).begin()
+        assert warm.status == "hit", warm.reason
+        warm.wait(everything=True)  # the header bundle lands after the main one
+        assert sorted(warm._headers_installed) == [f"pch/{ours.name}", f"pch/{ours.name}.gch"]
+        (pch / "built_by_another_job.h.gch").write_bytes(b"a build that is not ours")
+        warm.end()  # strict: raises if another job's header build counts as ours
+    assert "C++ builds 0" in warm.summary_line()
+
+
+def test_a_session_used_twice_says_so(isolated_inductor: Path, caplog: pytest.LogCaptureFixture) -> None:
+    session = bt.compile_cache(settings=Settings(remote=None))
+    with session:
+        pass
+    with session:
+        pass
+    assert "a CompileCache is used once" in caplog.text

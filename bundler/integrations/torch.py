@@ -47,6 +47,7 @@ never changed: flipping one changes every Inductor/AOTAutograd key.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -176,8 +177,38 @@ def environment_facts(tag: str | None = None) -> dict[str, str]:
 
     All values are strings (they travel in the manifest's producer facts and the ref). Computing
     them builds nothing: the CPU ISA is predicted from the CPU's features the way
-    ``cpu_vec_isa.pick_vec_isa`` picks it, without its trial compiles.
+    ``cpu_vec_isa.pick_vec_isa`` picks it, without its trial compiles. The settings-derived facts
+    are read on the calling thread: torch 2.13 keeps setting overrides per thread.
     """
+    return _environment_facts(tag, _JobSettings.read())
+
+
+@dataclasses.dataclass(frozen=True)
+class _JobSettings:
+    """The facts that come from Inductor/functorch settings, read on the job's own thread.
+
+    torch 2.13 keeps a user's setting overrides per thread (``utils/_config_module.py``: each
+    setting is a ``ContextVar``, and a new thread starts from the defaults), so a fetch thread
+    reading them would see a default job's settings and give a ``max_autotune`` job the default
+    job's ref. :meth:`CompileCache.begin` reads these on the job's thread (milliseconds) and hands
+    them to the fetch; the fetch thread also runs in a copy of the job thread's context, so any
+    other setting torch reads there (``cpp.cxx`` for the compiler fact) is the job's too.
+    """
+
+    facts: dict[str, str]  # cpu_isa, inductor_config, functorch_config
+    inductor: dict[str, str]  # the settings behind the hash, for the ref's extra and explain
+    functorch: dict[str, str]
+
+    @classmethod
+    def read(cls) -> _JobSettings:
+        inductor = _config_dict("torch._inductor.config")
+        functorch = _config_dict("torch._functorch.config")
+        facts = {"cpu_isa": _cpu_vec_isa(), "inductor_config": _settings_hash(inductor),
+                 "functorch_config": _settings_hash(functorch)}
+        return cls(facts, inductor, functorch)
+
+
+def _environment_facts(tag: str | None, job: _JobSettings) -> dict[str, str]:
     import torch
     from torch._inductor.codecache import torch_key
 
@@ -189,16 +220,14 @@ def environment_facts(tag: str | None = None) -> dict[str, str]:
         "triton": _triton_version(),
         "python": "{}.{}".format(*sys.version_info[:2]),
         "machine": platform.machine(),
-        "cpu_isa": _cpu_vec_isa(),
         "cpu_features": ",".join(_cpu_features()) or "none",
         "cxx": _compiler_version(),
-        "inductor_config": _config_hash("torch._inductor.config"),
-        "functorch_config": _config_hash("torch._functorch.config"),
         "tag": tag or "",
         "torch_bundle_format": f"{TORCH_BUNDLE_FORMAT}.{FORMAT_VERSION}",
         # informational: shown by explain, not compared (see docs/torch.md)
         "cpu_model": _cpu_model(),
         "torch_dir": os.path.dirname(torch.__file__),
+        **job.facts,
     }
     facts.update(_device_facts())
     return facts
@@ -297,16 +326,27 @@ def _picked_vec_isa(*, trial_builds: bool = False) -> str | None:
         return "unknown"
 
 
-@functools.cache
 def _compiler_version() -> str:
+    """The C++ compiler Inductor would use (``config.cpp.cxx``, read on the calling thread) and its
+    version (one subprocess per compiler, cached)."""
     try:
-        from torch._inductor.cpp_builder import get_compiler_version_info, get_cpp_compiler
+        from torch._inductor.cpp_builder import get_cpp_compiler
 
-        compiler = get_cpp_compiler()
+        return _compiler_version_of(get_cpp_compiler())
+    except Exception as exc:  # noqa: BLE001 - no compiler: Inductor's CPU backend will say so itself
+        log.debug("no C++ compiler version (%s)", exc)
+        return "none"
+
+
+@functools.cache
+def _compiler_version_of(compiler: str) -> str:
+    try:
+        from torch._inductor.cpp_builder import get_compiler_version_info
+
         info = get_compiler_version_info(compiler)
         first = info.strip().splitlines()[0] if info.strip() else ""
         return f"{os.path.basename(compiler)} {first}".strip()
-    except Exception as exc:  # noqa: BLE001 - no compiler: Inductor's CPU backend will say so itself
+    except Exception as exc:  # noqa: BLE001
         log.debug("no C++ compiler version (%s)", exc)
         return "none"
 
@@ -359,7 +399,11 @@ def _config_dict(module_name: str) -> dict[str, str]:
 
 
 def _config_hash(module_name: str) -> str:
-    data = json.dumps(_config_dict(module_name), sort_keys=True).encode()
+    return _settings_hash(_config_dict(module_name))
+
+
+def _settings_hash(settings: Mapping[str, str]) -> str:
+    data = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(data).hexdigest()[:16]
 
 
@@ -477,11 +521,17 @@ class CompileCache:
         self._started = 0.0
         self._summary = ""
         self._begun = self._ended = False
+        self._lock = threading.Lock()  # begin/end once each, also when two threads race to end
+        self._job_settings = _JobSettings({}, {}, {})  # read on the job's thread by begin()
+        self._headers_watched = False  # torch_gate records the headers Inductor writes (else: a snapshot diff)
         self._prepare_s: float | None = None
         self._held_s = 0.0
         self._headers_held_s = 0.0
         self._lookups: Any = None  # torch_lookups.LookupRecorder while a bundle may be installed
         self._installed_members: list[str] = []
+        #: sha256 of every installed file as this session left it (the manifest's, or the
+        #: relocated bytes'): a file another rank rewrote with the same bytes is not "added".
+        self._installed_sha256: dict[str, str] = {}
         self._fx_details: Any = None  # torch_missdiff.DetailsRecorder: components of the FX keys computed here
         self._bundle_fx: Any = None  # torch_missdiff.Bundled: those of the installed bundle's graphs
         self._fx_miss_phrase = ""
@@ -496,14 +546,21 @@ class CompileCache:
         the cache. The facts, ref lookup, download and unpack run on a background thread (unless
         ``background=False``), so they overlap the job's own start-up; Inductor's first compile
         waits for them (:mod:`bundler.integrations.torch_gate`), and so does reading ``status`` or
-        any other outcome attribute."""
-        if self._begun:
-            return self
-        self._begun = True
+        any other outcome attribute. A session is used once: begin it again after its end and it
+        warns and does nothing (make a new one with :func:`compile_cache`)."""
+        with self._lock:
+            if self._begun:
+                if self._ended:
+                    log.warning("torch compile cache: this session already ended; a CompileCache is used once, "
+                                "so this block runs without it (make a new one with compile_cache(...))")
+                return self
+            self._begun = True
         self._started = time.monotonic()
         try:
             self._resolve_settings()
             self.dirs = cache_dirs()  # before anything imports Inductor's caches: they read the env
+            # On the job's thread: torch 2.13 keeps setting overrides per thread (_JobSettings).
+            self._job_settings = _JobSettings.read()
         except ConfigError as exc:
             log.warning("torch compile cache off: %s", exc)
             self._status, self._reason = "off", str(exc)
@@ -512,10 +569,30 @@ class CompileCache:
             log.warning("torch compile cache off: could not read the environment (%s: %s)", type(exc).__name__, exc)
             self._status, self._reason = "off", str(exc)
             return self
+        try:
+            self._start()
+        except BaseException as exc:
+            # Whatever failed (a private torch API, a store constructor, a thread limit), the job
+            # goes on with no cache: everything installed so far comes out again.
+            self._undo_begin()
+            if not isinstance(exc, Exception):
+                raise  # Ctrl-C during begin is the job's, not the cache's
+            log.warning("torch compile cache off: the session could not start (%s: %s); compiling without it",
+                        type(exc).__name__, exc)
+            log.debug("session start failure", exc_info=exc)
+            self._status, self._reason = "error", f"{type(exc).__name__}: {exc}"
+        return self
+
+    def _start(self) -> None:
+        """:meth:`begin` past the settings: the recorders, the gates and the fetch (or, with
+        ``background=False``, the fetch itself). Anything it raises is undone by :meth:`_undo_begin`."""
+        from bundler.integrations import torch_gate
+
+        assert self.settings is not None and self.dirs is not None
         if self.settings.torch_backports:
             from bundler.integrations import torch_backports
 
-            torch_backports.install()
+            torch_backports.install()  # a fix of torch's own, independent of the session: it stays
         if self.settings.remote:
             from bundler.integrations import torch_lookups
 
@@ -525,9 +602,10 @@ class CompileCache:
             self._fx_details = torch_missdiff.DetailsRecorder().start()  # why an FX graph missed
         self._counters_before = _work_counters()
         self._compile_s_before = _inductor_compile_s()
+        if self.dirs.pch is not None:
+            # Which headers this job's compiles use: only those are its header layer.
+            self._headers_watched = torch_gate.watch_headers()
         if self.settings.remote and self._push and self.dirs.pch is not None:
-            from bundler.integrations import torch_gate
-
             try:
                 torch_gate.after_next_compile(self._after_compile)
             except Exception as exc:  # noqa: BLE001 - private torch API: the headers are then pushed at end()
@@ -539,10 +617,8 @@ class CompileCache:
             self._done.set()
             self._headers_done.set()
             self._finished.set()
-            return self
+            return
         self._start_reader()
-        from bundler.integrations import torch_gate
-
         # The gate first: it imports compile_fx (and with it what a compile loads) on the job's
         # thread, so the fetch thread never imports torch internals while the job does. Two
         # threads importing one package with circular imports can hand one of them a partly
@@ -552,20 +628,37 @@ class CompileCache:
         if self.dirs.pch is not None:
             self._headers_gated = torch_gate.hold_headers_until(
                 self._headers_done, self._wait_limit_s(), "the precompiled headers")
-        worker = threading.Thread(target=self._prepare_in_background, name="bundler-torch-fetch", daemon=True)
+        # In a copy of the job thread's context: torch 2.13's setting overrides are context
+        # variables, and a new thread would otherwise see only the defaults.
+        context = contextvars.copy_context()
+        worker = threading.Thread(target=context.run, args=(self._prepare_in_background,),
+                                  name="bundler-torch-fetch", daemon=True)
         self._pid = os.getpid()
         try:
             worker.start()
         except RuntimeError as exc:  # "can't start new thread": no fetch, and nothing may wait for one
-            log.warning("torch compile cache off: could not start the fetch thread (%s)", exc)
-            self._close_reader()
-            self._status, self._reason = "error", str(exc)
-            for event in (self._done, self._headers_done, self._finished):
-                event.set()
-                torch_gate.release(event)
-            return self
+            raise RuntimeError(f"could not start the fetch thread ({exc})") from exc
         self._worker = worker
-        return self
+
+    def _undo_begin(self) -> None:
+        """Take out what :meth:`_start` installed (recorders, callbacks, gates, the helper process)
+        and mark the fetch done, so nothing waits for it; never raises."""
+        from bundler.integrations import torch_gate
+
+        for recorder in (self._lookups, self._fx_details):
+            if recorder is not None:
+                recorder.stop()
+        self._lookups = self._fx_details = None
+        steps = [functools.partial(torch_gate.forget_callback, self._after_compile), self._close_reader]
+        for event in (self._done, self._headers_done, self._finished):
+            steps += [event.set, functools.partial(torch_gate.release, event)]
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("torch compile cache: undoing begin: %s: %s", type(exc).__name__, exc)
+        self._worker = None
+        self.dirs = None  # end() then has nothing to push, check or summarise
 
     def wait(self, timeout: float | None = None, *, everything: bool = False) -> CompileCache:
         """Block until :meth:`begin`'s background work is done (``timeout``: default the pull budget
@@ -622,7 +715,7 @@ class CompileCache:
         """After a miss read through the helper process, import botocore here now, while the job
         compiles (Inductor waits on compile workers and benchmarks much of that time), rather than
         at the end, which the job waits for: pushes run in this process."""
-        if not self._push or self._status == "hit":
+        if not self._push or self._status == "hit" or self._ended:
             return
         try:
             self._open_store().connect()
@@ -635,7 +728,8 @@ class CompileCache:
         outcome attributes: those wait for this very work."""
         try:
             with self._timed("facts"):
-                self._facts = environment_facts(self._tag if self._tag is not None else self.settings.tag)
+                self._facts = _environment_facts(self._tag if self._tag is not None else self.settings.tag,
+                                                 self._job_settings)
             self._ref = ref_name(self._facts, self._prefix)
         except Exception as exc:  # noqa: BLE001 - facts from private torch APIs; never fail the job
             log.warning("torch compile cache off: could not read the environment (%s: %s)", type(exc).__name__, exc)
@@ -659,6 +753,11 @@ class CompileCache:
             self._prefix = self.settings.ref
         if self._strict is None:
             self._strict = _strict_from_env(self.settings)
+
+    def _node_state(self) -> Path | None:
+        """The per-host folder where pulls record what is unpacked (:func:`transfer.pull`)."""
+        cache_dir = self.settings.cache_dir if self.settings is not None else None
+        return Path(cache_dir) / "pulled" if cache_dir is not None else None
 
     def _open_store(self) -> Any:
         if self._store is None:
@@ -726,14 +825,25 @@ class CompileCache:
                 layers[name] = self.dirs.inductor / "triton" / "0"
         rewriter = UnpackRewriter(producer_dirs, {name: str(path) for name, path in layers.items()})
         with self._timed("pull"):
-            result = transfer.pull(store, layers, digest=found.digest, settings=self.settings, rewrite=rewriter)
+            # One process per machine downloads; the other ranks sharing the directories find
+            # the bundle unpacked (transfer.pull's node lock, as compile sessions use it).
+            result = transfer.pull(store, layers, digest=found.digest, settings=self.settings, rewrite=rewriter,
+                                   node_state=self._node_state())
         members = [record.path for record in result.manifest.files]
         self._installed_members = members
         from bundler.integrations import torch_missdiff
 
         self._bundle_fx = torch_missdiff.read_details(found.extra.get("fx_key_details"))
+        relocated: dict[str, str] = {}
         with self._timed("relocate"):
-            moved = relocate_entries(layers[INDUCTOR], members, rewriter.moves)
+            moved = relocate_entries(layers[INDUCTOR], members, rewriter.moves, written=relocated)
+        self._installed_sha256 = {record.path: record.sha256 for record in result.manifest.files}
+        self._installed_sha256.update(relocated)
+        for name in members:  # group files hold this node's directories: as written here
+            if rewriter.wants(name):
+                digest = _file_sha256(layers, name)
+                if digest is not None:
+                    self._installed_sha256[name] = digest
         if moved:
             log.info("torch compile cache: pointed %d cache entries at this node's directories", moved)
         self._headers = _header_bundle(found)
@@ -767,7 +877,7 @@ class CompileCache:
         with self._timed("headers"):
             health.guarded(self.settings, "read", entry["digest"], functools.partial(self._pull_headers_request, entry),
                            wait=not self._headers_gated)
-        if not self._headers_installed:
+        if not self._headers_installed and not self._ended:  # (a failed job's end stops the pull: no news)
             log.warning("torch compile cache: precompiled headers %s not installed; Inductor builds them",
                         entry["digest"][:12])
 
@@ -776,8 +886,9 @@ class CompileCache:
 
         assert self.dirs is not None and self.dirs.pch is not None
         result = transfer.pull(self._open_read_store(), {PCH: self.dirs.pch}, digest=entry["digest"],
-                               settings=self.settings)
+                               settings=self.settings, node_state=self._node_state())
         installed = [record.path for record in result.manifest.files]
+        self._installed_sha256.update({record.path: record.sha256 for record in result.manifest.files})
         before = self._before.setdefault(PCH, _Snapshot({}))  # pulled files are the start, not builds
         for member in installed:
             with contextlib.suppress(OSError):
@@ -802,7 +913,7 @@ class CompileCache:
 
     def _explain_miss(self, store: Any) -> str:
         try:
-            return _nearest(store, self._prefix, self._facts, self.settings)
+            return _nearest(store, self._prefix, self._facts, self.settings, self._job_settings.inductor)
         except Exception as exc:  # noqa: BLE001 - explaining is a courtesy
             return f"no bundle for this environment (could not list others: {exc})"
 
@@ -810,10 +921,17 @@ class CompileCache:
 
     def end(self, failed: bool = False) -> None:
         """Push what the compile produced (unless this was a complete hit), check strict mode, log
-        the summary. ``failed``: the job raised; nothing is pushed and strict mode stays quiet."""
-        if not self._begun or self._ended:
-            return
-        self._ended = True
+        the summary. ``failed``: the job raised; nothing is pushed and strict mode stays quiet.
+
+        Waits for the background work only as far as something will use it: all of it before a
+        push or a strict check; only the bundle's outcome (normally long known) for the summary of
+        a session that pushes nothing; nothing at all after a failure, so a failing job's own
+        error is not held up by a listing it will never read. Once per session, also when two
+        threads end it at once."""
+        with self._lock:
+            if not self._begun or self._ended:
+                return
+            self._ended = True
         if self._lookups is not None:
             self._lookups.stop()
         if self._fx_details is not None:
@@ -821,27 +939,37 @@ class CompileCache:
         from bundler.integrations import torch_gate
 
         torch_gate.forget_callback(self._after_compile)
+        pushing = not failed and self.settings is not None and bool(self.settings.remote) and self._push
         if self._worker is not None:
             self._held_s = torch_gate.held_s(self._done)
             self._headers_held_s = torch_gate.held_s(self._headers_done)
             torch_gate.release(self._done)
             torch_gate.release(self._headers_done)
-            self.wait(everything=True)  # one bound (the store's budget plus a margin) for all of it
-            self._close_reader()  # every read is done (or given up: that stops it)
-            if not (self._done.is_set() and self._finished.is_set()):
+            everything = not failed and (pushing or bool(self._strict))
+            if not failed:
+                self.wait(everything=everything)  # one bound (the store's budget plus a margin) for all of it
+            if everything or self._finished.is_set():
+                self._close_reader()  # every read is done (or given up: that stops it)
+            # Otherwise the fetch thread closes it once its reads are done: closing it under a read
+            # would send that read to the store in this process (botocore's import, a client).
+            if not self._done.is_set():
+                if not failed:
+                    log.warning("torch compile cache: the bundle fetch is still running at the end of the "
+                                "session; not pushing")
+                return
+            if pushing and not self._finished.is_set():
                 log.warning("torch compile cache: the bundle fetch is still running at the end of the session; "
                             "not pushing")
                 return
         if self.dirs is None:
             return
-        pushing = not failed and self.settings is not None and bool(self.settings.remote) and self._push
         if self._early_thread is not None and pushing:
             self._early_thread.join(self._wait_limit_s())
         work = self._work_done()
         added = self._added_files()
         if pushing:
             self._maybe_push(added)
-        if self.status == "hit" and work.get("inductor.fxgraph_cache_miss"):
+        if self._status == "hit" and work.get("inductor.fxgraph_cache_miss"):
             from bundler.integrations import torch_missdiff
 
             self._fx_miss_phrase = torch_missdiff.explain_session(
@@ -858,11 +986,44 @@ class CompileCache:
         return {name: count for name, count in work.items() if count > 0}
 
     def _added_files(self) -> dict[str, list[str]]:
+        """Files made or changed during the session, per layer: the header layer only for this
+        session's headers (:meth:`_session_headers`), and not the installed files that another
+        process (a rank sharing the directories) wrote again with the same bytes."""
         if not self._before:
             return {}
         now = self._snapshot()
-        return {layer: now[layer].changed_since(self._before.get(layer, _Snapshot({})))
-                for layer in now}
+        added = {layer: now[layer].changed_since(self._before.get(layer, _Snapshot({}))) for layer in now}
+        if self._installed_sha256 and self.dirs is not None:
+            layers = self.dirs.layers()
+            for layer, names in added.items():
+                added[layer] = [name for name in names if name not in self._installed_sha256
+                                or _file_sha256(layers, name) != self._installed_sha256[name]]
+        if PCH in added:
+            ours = self._session_headers(added[PCH])
+            added[PCH] = [name for name in added[PCH] if name in ours]
+        return added
+
+    def _session_headers(self, changed: list[str] | None = None) -> set[str]:
+        """The header layer's member names that belong to this session: those its bundle installed,
+        and those this process's compiles wrote or used (each ``.h`` with its ``.gch``). The header
+        folder is Inductor's default one, shared by every job of the user on the host, so other
+        jobs' headers (and builds) are none of this session's business. Where the write cannot be
+        watched, what changed there since :meth:`begin` counts instead (``changed``)."""
+        assert self.dirs is not None and self.dirs.pch is not None
+        names = set(self._headers_installed)
+        if self._headers_watched:
+            from bundler.integrations import torch_gate
+
+            root = os.path.abspath(self.dirs.pch)
+            for path in torch_gate.header_writes():
+                rel = os.path.relpath(os.path.abspath(path), root)
+                if rel != "." and not rel.startswith(".."):
+                    names.update((f"{PCH}/{rel}", f"{PCH}/{rel}.gch"))
+            return names
+        if changed is None:
+            now = _scan({PCH: self.dirs.pch})[PCH]
+            changed = _Snapshot(now).changed_since(self._before.get(PCH, _Snapshot({})))
+        return names | set(changed)
 
     def _maybe_push(self, added: dict[str, list[str]]) -> None:
         """Push after a miss, or after a hit or failed fetch that still added files."""
@@ -885,8 +1046,8 @@ class CompileCache:
         assert self.dirs is not None and self.ref is not None
         layers = self.dirs.layers()
         captured = _capture(layers)
-        headers = {name: path for name, path in captured.items() if name.startswith(PCH + "/")}
-        source = portable_source(layers, {n: p for n, p in captured.items() if n not in headers})
+        headers = self._header_capture() if self.dirs.pch is not None else {}
+        source = portable_source(layers, {n: p for n, p in captured.items() if not n.startswith(PCH + "/")})
         if not source:
             return
         producer = self._producer()
@@ -899,8 +1060,8 @@ class CompileCache:
         extra = {
             "dirs": dirs,
             "inductor_compile_s": round(_inductor_compile_s() - self._compile_s_before, 3),
-            "inductor_settings": _config_dict("torch._inductor.config"),
-            "functorch_settings": _config_dict("torch._functorch.config"),
+            "inductor_settings": self._job_settings.inductor,
+            "functorch_settings": self._job_settings.functorch,
         }
         from bundler.integrations import torch_missdiff
 
@@ -955,9 +1116,16 @@ class CompileCache:
         return {**keys.producer_facts(), **self.facts}
 
     def _header_files(self) -> dict[str, tuple[int, int]]:
-        """The header folder's files (member name -> size, mtime), as a snapshot compares them."""
+        """This session's header files (member name -> size, mtime), as a snapshot compares them."""
         assert self.dirs is not None and self.dirs.pch is not None
-        return _scan({PCH: self.dirs.pch})[PCH]
+        ours = self._session_headers()
+        return {name: stat for name, stat in _scan({PCH: self.dirs.pch})[PCH].items() if name in ours}
+
+    def _header_capture(self) -> dict[str, str]:
+        """This session's header files (member name -> path), for a push."""
+        assert self.dirs is not None and self.dirs.pch is not None
+        ours = self._session_headers()
+        return {name: path for name, path in _capture({PCH: self.dirs.pch}).items() if name in ours}
 
     def _push_headers_early(self) -> None:
         """After a compile, on the job's thread: start pushing the precompiled headers it built.
@@ -984,7 +1152,7 @@ class CompileCache:
         _yield_cpu()  # the compile goes on meanwhile, and it is what the job waits for
         try:
             before = self._header_files()
-            headers = _capture({PCH: self.dirs.pch})  # type: ignore[dict-item]
+            headers = self._header_capture()
             entry = health.guarded(self.settings, "write", "precompiled headers", functools.partial(
                 self._push_header_bundle, headers, self._producer(), threads=1), wait=False)
             if entry is not None and self._header_files() == before:
@@ -1002,11 +1170,11 @@ class CompileCache:
         remade = _remade_files(added)
         if remade:
             problems.append(f"files_made_anew={len(remade)} ({', '.join(remade[:3])})")
-        if self.status != "hit":
-            problems.insert(0, f"no bundle installed ({self.status}: {self.reason or self.explanation})")
+        if self._status != "hit":
+            problems.insert(0, f"no bundle installed ({self._status}: {self._reason or self._explanation})")
         if problems:
             raise IncompleteWarmStart(
-                f"BUNDLER_STRICT: the torch compile cache {self.ref} did not give a complete warm start: "
+                f"BUNDLER_STRICT: the torch compile cache {self._ref} did not give a complete warm start: "
                 + "; ".join(problems)
                 + ". Re-bake the bundle in the same environment (see `explain`), or unset BUNDLER_STRICT"
             )
@@ -1014,12 +1182,12 @@ class CompileCache:
     def _make_summary(self, work: dict[str, int], added: dict[str, list[str]]) -> str:
         elapsed = time.monotonic() - self._started
         hits = _layer_counts()
-        parts = [f"torch compile cache {self.status}"]
-        if self.ref:
-            parts.append(f"ref {self.ref}")
+        parts = [f"torch compile cache {self._status}"]
+        if self._ref:
+            parts.append(f"ref {self._ref}")
         parts.append(f"fx graphs {hits['fx_hit']} hit/{hits['fx_miss']} missed, "
                      f"aot autograd {hits['aot_hit']} hit/{hits['aot_miss']} missed")
-        if self.status == "hit":
+        if self._status == "hit":
             from bundler.integrations import torch_lookups
 
             unused = torch_lookups.summary_phrase(self._installed_members, self._lookups)
@@ -1028,17 +1196,17 @@ class CompileCache:
             if self._fx_miss_phrase:
                 parts.append(self._fx_miss_phrase)
         parts.append(f"C++ builds {len(_cpp_builds(added))}")
-        if self.pulled_bytes:
-            parts.append(f"pulled {self.pulled_files} files / {_mib(self.pulled_bytes)}")
+        if self._pulled_bytes:
+            parts.append(f"pulled {self._pulled_files} files / {_mib(self._pulled_bytes)}")
         if self.pushed_bytes:
             parts.append(f"pushed {_mib(self.pushed_bytes)}")
-        if self._producer_compile_s is not None and self.status == "hit":
+        if self._producer_compile_s is not None and self._status == "hit":
             ours = _inductor_compile_s() - self._compile_s_before
             parts.append(f"compile time saved ~{max(0.0, self._producer_compile_s - ours):.1f} s")
-        if self.status in ("refused", "error") and self.reason:
-            parts.append(self.reason)
-        if self.status == "miss" and self.explanation:
-            parts.append(self.explanation)
+        if self._status in ("refused", "error") and self._reason:
+            parts.append(self._reason)
+        if self._status == "miss" and self._explanation:
+            parts.append(self._explanation)
         if self._prepare_s is not None:
             held = f"first compile held {self._held_s:.1f} s"
             if self._headers_held_s >= 0.05:
@@ -1125,8 +1293,10 @@ def explain(remote: str | None = None, *, ref: str | None = None, tag: str | Non
         return f"hit: {name} ({found.size} bytes, made {found.created})"
 
 
-def _nearest(store: Any, prefix: str, facts: Mapping[str, str], settings: Settings) -> str:
-    """The ref under ``prefix/`` whose facts differ least from ours, and how they differ."""
+def _nearest(store: Any, prefix: str, facts: Mapping[str, str], settings: Settings,
+             ours: Mapping[str, str] | None = None) -> str:
+    """The ref under ``prefix/`` whose facts differ least from ours, and how they differ.
+    ``ours``: our Inductor settings (default: read on this thread)."""
     from bundler.remote import layout
     from bundler.remote.refs import read_ref
 
@@ -1145,7 +1315,7 @@ def _nearest(store: Any, prefix: str, facts: Mapping[str, str], settings: Settin
         if "inductor_config" in other.producer and other.producer.get("inductor_config") != facts.get(
             "inductor_config"
         ):
-            ours = _config_dict("torch._inductor.config")
+            ours = ours if ours is not None else _config_dict("torch._inductor.config")
             theirs = other.extra.get("inductor_settings")
             if isinstance(theirs, dict):
                 differing += _settings_differences(ours, theirs, "inductor")[:3]
@@ -1286,6 +1456,22 @@ def _scan(layers: Mapping[str, Path]) -> dict[str, dict[str, tuple[int, int]]]:
                 files[f"{layer}/{name}"] = (st.st_size, st.st_mtime_ns)
         out[layer] = files
     return out
+
+
+def _file_sha256(layers: Mapping[str, Path], member: str) -> str | None:
+    """sha256 of the local file behind a member name (``<layer>/<path>``); None if unreadable."""
+    layer, _, rel = member.partition("/")
+    root = layers.get(layer)
+    if root is None:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(root / rel, "rb") as f:
+            for block in iter(functools.partial(f.read, 1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _capture(layers: Mapping[str, Path]) -> dict[str, str]:

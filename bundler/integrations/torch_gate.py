@@ -19,6 +19,14 @@ header gate wraps ``codecache.write`` and waits only when Inductor writes into i
 in the job's process only (unlike ``_worker_compile_cpp``, which Inductor pickles into its compile
 workers), and the wrapper costs one list check per generated file while nothing is pending.
 
+Every compile that starts while a fetch is pending waits, whichever thread it runs on: an entry
+leaves the pending list only once its event is set or its time limit (counted from the first
+compile that waited for it) has passed, never merely because another thread is already waiting.
+
+The header gate's wrapper also records every header path Inductor writes into its header folder
+(:func:`header_writes`), present or not: those are the headers this process's compiles use, and
+the only ones a session bundles from a folder every job of the user shares.
+
 A fetch that is still running after its wait limit is left to finish on its own: the compile goes
 ahead and misses (a warning says so), which is the failure policy everywhere: the cache is never
 a dependency.
@@ -26,6 +34,8 @@ a dependency.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -36,11 +46,26 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
+
+@dataclasses.dataclass(eq=False)
+class _Hold:
+    """One fetch a compile must wait for: its event, the wait limit, what messages call it, and
+    the deadline, fixed when the first compile starts waiting for it."""
+
+    ready: threading.Event
+    limit_s: float
+    what: str
+    deadline: float | None = None
+
+
 _lock = threading.Lock()
-#: (ready event, seconds to wait at most, what to name in messages) per fetch not yet awaited.
-_pending: list[tuple[threading.Event, float, str]] = []
-#: The same for precompiled headers: awaited by the first header build, not the first compile.
-_headers_pending: list[tuple[threading.Event, float, str]] = []
+#: Fetches not yet in place or given up: every compile waits for them.
+_pending: list[_Hold] = []
+#: The same for precompiled headers: awaited by header builds, not the first compile.
+_headers_pending: list[_Hold] = []
+#: Header paths Inductor wrote (or found present) in its header folder, in order; append only.
+_header_writes: list[str] = []
 #: Seconds a compile was held for each ready event (read by the session's summary).
 _held_s: dict[threading.Event, float] = {}
 #: Called once each, on the job's thread, when the next compile returns (they must be quick).
@@ -54,6 +79,7 @@ def _forget_in_child() -> None:
     _lock = threading.Lock()
     _pending.clear()
     _headers_pending.clear()
+    _header_writes.clear()
     _held_s.clear()
     _after_compile.clear()
 
@@ -65,7 +91,7 @@ def hold_until(ready: threading.Event, limit_s: float, what: str) -> None:
     """Make Inductor's next compile wait (at most ``limit_s``) until ``ready`` is set."""
     _install()
     with _lock:
-        _pending.append((ready, limit_s, what))
+        _pending.append(_Hold(ready, limit_s, what))
 
 
 def hold_headers_until(ready: threading.Event, limit_s: float, what: str) -> bool:
@@ -74,19 +100,51 @@ def hold_headers_until(ready: threading.Event, limit_s: float, what: str) -> boo
     False where this torch lacks the seam (no ``codecache.write`` or ``_HEADER_DIR``): the caller
     then has the first compile wait for the headers instead, as it waits for the main bundle.
     """
+    codecache = _codecache()
+    with _lock:
+        if codecache is None:
+            return False
+        _install_header_write(codecache)
+        _headers_pending.append(_Hold(ready, limit_s, what))
+    return True
+
+
+def watch_headers() -> bool:
+    """Record, from now on, the headers Inductor writes into its header folder (:func:`header_writes`);
+    False where this torch lacks the seam (no ``codecache.write`` or ``_HEADER_DIR``)."""
+    codecache = _codecache()
+    with _lock:
+        if codecache is None:
+            return False
+        _install_header_write(codecache)
+    return True
+
+
+def header_writes() -> list[str]:
+    """The header paths Inductor wrote, or found already there, in its header folder since
+    :func:`watch_headers` (each once). Inductor prepares a header once per process
+    (``_precompile_header`` is cached), so this is per process, not per session."""
+    with _lock:
+        return list(dict.fromkeys(_header_writes))
+
+
+def _codecache() -> Any:
+    """``torch._inductor.codecache`` where it has the header seam, else None (imported before any
+    lock is taken: an import under a lock can deadlock with another thread's import)."""
     try:
         from torch._inductor import codecache
     except Exception:  # noqa: BLE001 - private torch API
-        return False
-    header_dir = getattr(codecache, "_HEADER_DIR", None)
-    if not callable(getattr(codecache, "write", None)) or not isinstance(header_dir, str):
-        return False
-    with _lock:
-        current = codecache.write
-        if not getattr(current, "__bundler_gate__", False):
-            codecache.write = _gated_header_write(current, codecache)
-        _headers_pending.append((ready, limit_s, what))
-    return True
+        return None
+    if not callable(getattr(codecache, "write", None)) or not isinstance(getattr(codecache, "_HEADER_DIR", None), str):
+        return None
+    return codecache
+
+
+def _install_header_write(codecache: Any) -> None:
+    """Wrap ``codecache.write`` once per process (call with ``_lock`` held)."""
+    current = codecache.write
+    if not getattr(current, "__bundler_gate__", False):
+        codecache.write = _gated_header_write(current, codecache)
 
 
 def after_next_compile(callback: Callable[[], None]) -> None:
@@ -108,8 +166,8 @@ def forget_callback(callback: Callable[[], None]) -> None:
 def release(ready: threading.Event) -> None:
     """Forget ``ready`` (its session ended); the gates no longer wait for it."""
     with _lock:
-        _pending[:] = [item for item in _pending if item[0] is not ready]
-        _headers_pending[:] = [item for item in _headers_pending if item[0] is not ready]
+        _pending[:] = [hold for hold in _pending if hold.ready is not ready]
+        _headers_pending[:] = [hold for hold in _headers_pending if hold.ready is not ready]
         _held_s.pop(ready, None)
 
 
@@ -123,20 +181,36 @@ def wait_pending() -> None:
     _wait(_pending, "first compile")
 
 
-def _wait(pending: list[tuple[threading.Event, float, str]], who: str) -> None:
+def _wait(pending: list[_Hold], who: str) -> None:
+    """Wait for every pending fetch: until it is in place or its deadline passed.
+
+    An entry stays pending while it is neither, so a compile on another thread that starts
+    meanwhile waits too; the thread that finds it done (or out of time) removes it, and warns once.
+    """
     with _lock:
+        now = time.monotonic()
         waiting = list(pending)
-        pending.clear()
-    for ready, limit_s, what in waiting:
-        if ready.is_set():
+        for hold in waiting:
+            if hold.deadline is None:
+                hold.deadline = now + hold.limit_s
+    for hold in waiting:
+        if hold.ready.is_set():
             continue
-        log.info("torch compile cache: %s waits for %s", who, what)
+        log.info("torch compile cache: %s waits for %s", who, hold.what)
         started = time.monotonic()
-        arrived = ready.wait(limit_s)
-        _held_s[ready] = time.monotonic() - started
-        if not arrived:
+        hold.ready.wait(max(0.0, (hold.deadline or started) - started))
+        held = time.monotonic() - started
+        with _lock:
+            _held_s[hold.ready] = max(held, _held_s.get(hold.ready, 0.0))
+    with _lock:
+        now = time.monotonic()
+        over = [hold for hold in waiting if hold in pending
+                and (hold.ready.is_set() or now >= (hold.deadline or now))]
+        pending[:] = [hold for hold in pending if hold not in over]
+    for hold in over:
+        if not hold.ready.is_set():
             log.warning("torch compile cache: %s still not in place after %.0f s; compiling without it",
-                        what, _held_s[ready])
+                        hold.what, hold.limit_s)
 
 
 def _install() -> None:
@@ -178,9 +252,14 @@ def _run_after_compile() -> None:
 def _gated_header_write(write: Any, codecache: Any) -> Any:
     @functools.wraps(write)
     def write_after_headers(*args: Any, **kwargs: Any) -> Any:
-        if _headers_pending and kwargs.get("specified_dir") == getattr(codecache, "_HEADER_DIR", None):
+        into_headers = kwargs.get("specified_dir") == getattr(codecache, "_HEADER_DIR", None)
+        if into_headers and _headers_pending:
             _wait(_headers_pending, "precompiled header build")
-        return write(*args, **kwargs)
+        written = write(*args, **kwargs)
+        if into_headers:
+            with contextlib.suppress(Exception):  # another torch's return value: nothing recorded
+                _header_writes.append(str(written[1]))  # (key, path): the .h; its build is <path>.gch
+        return written
 
     write_after_headers.__bundler_gate__ = True  # type: ignore[attr-defined]
     return write_after_headers

@@ -32,6 +32,7 @@ never check the name, so a rewritten entry keeps its name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import pickletools
@@ -142,9 +143,11 @@ def _encode_bytes(raw: bytes) -> bytes:
     return b"\x8e" + struct.pack("<Q", len(raw)) + raw
 
 
-def relocate_entries(root: Path, members: list[str], moves: Mapping[str, str]) -> int:
+def relocate_entries(root: Path, members: list[str], moves: Mapping[str, str],
+                     written: dict[str, str] | None = None) -> int:
     """Rewrite the unpacked pickles among ``members`` (names under the ``inductor/`` layer, which
-    lives at ``root``) in place, atomically; returns how many changed."""
+    lives at ``root``) in place, atomically; returns how many changed. ``written``: filled with
+    member name -> sha256 of each rewritten file's new bytes."""
     if not moves:
         return 0
     changed = 0
@@ -163,6 +166,8 @@ def relocate_entries(root: Path, members: list[str], moves: Mapping[str, str]) -
             continue
         if _replace(path, new):
             changed += 1
+            if written is not None:
+                written[name] = hashlib.sha256(new).hexdigest()
     return changed
 
 
