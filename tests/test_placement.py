@@ -520,10 +520,13 @@ class _OtherUnpackThenFull(FileOps):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.mark.xfail(strict=True, reason="known limit (docs/design-notes.md): moving whole folders last "
+                   "fixes this but breaks the undo when the disk stays full")
 def test_a_failed_unpack_never_takes_back_files_a_concurrent_one_placed(area):
     """concurrent_rollback.py: A moved the new folder ``fresh/`` whole, B (the same bundle)
     merged into it and succeeded, then A failed and its undo renamed ``fresh/`` back into its
-    staging, B's files with it. Whole folders now move after every per-file move."""
+    staging, B's files with it. Nothing wrong is left, only missing (B's next start pulls
+    again); the fix that moved whole folders last made a full disk leave a half-placed bundle."""
     dest = area / "dest"
     out = io.BytesIO()
     files = {"fresh/k/x.bin": b"x", "fresh/y.bin": b"y", "root.json": b"new root"}

@@ -228,21 +228,16 @@ class Placement:
 
     def _commit(self, journal: list[tuple]) -> None:
         whole, each = self._plan()
-        self._move_files(self._check(each), journal)
-        # Whole folders move last. Once one is in place, another process placing the same bundle
-        # may merge into it and return; undoing the rename would take its files away too. So
-        # after them only the confirmation, and the merge of a folder that lost its race, remain
-        # to fail.
-        lost: list[tuple[_Root, str, str]] = []
+        entries = self._check(each)
         for root, top in whole:
             self._where = os.path.join(root.path, top)
-            if not self._move_subtree(root, top, journal):
-                # Lost a race: another process (most likely placing this same bundle) made the
-                # folder meanwhile. Merge file by file, checked like any existing folder; a refusal
-                # undoes everything moved so far, so it still leaves the roots as they were.
-                lost.extend(m for m in self._moves if m[0] is root and m[1] == top)
-        if lost:
-            self._move_files(self._check(lost), journal)
+            if self._move_subtree(root, top, journal):
+                continue
+            # Lost a race: another process (most likely placing this same bundle) made the
+            # folder meanwhile. Merge file by file, checked like any existing folder; a refusal
+            # now undoes the folders already moved, so it still leaves the roots as they were.
+            entries.extend(self._check([m for m in self._moves if m[0] is root and m[1] == top]))
+        self._move_files(entries, journal)
         self._confirm(journal)
         self._committed = True
 
