@@ -349,6 +349,13 @@ def _path(_name: str, raw: str) -> Path:
     return Path(raw).expanduser()
 
 
+def _as_triton_reads_it(_name: str, raw: str) -> Path:
+    """``TRITON_CACHE_DIR`` exactly as Triton uses it: Triton does not expand ``~``, so a value set
+    without a shell (a YAML file, a pod spec) names a folder called ``~`` in the working directory,
+    and expanding it here would unpack every bundle where Triton never looks."""
+    return Path(raw)
+
+
 def _nonempty_str(name: str, raw: str) -> str:
     """For secrets and keys: set-but-empty is a mistake (a blanked variable), never "off"."""
     if not raw.strip():
@@ -427,7 +434,7 @@ _PARSERS = {
     "trusted_keys": _nonempty_list,
     "ref_max_age": _parse_float,
     "cache_dir": _path,
-    "triton_cache_dir": _path,
+    "triton_cache_dir": _as_triton_reads_it,
     "tag": _str,
     "local_cache": parse_bool,
     "remote_autotune": parse_bool,

@@ -125,10 +125,20 @@ def record_file(path: str | os.PathLike[str], settings: Settings) -> str | None:
     return name
 
 
-def record_member(name: str, settings: Settings) -> Path:
-    """Record bundle member ``name`` where it now lies in the local caches (after an unpack)."""
+def record_member(name: str, settings: Settings, into: Recorder | None = None) -> Path:
+    """Record bundle member ``name`` where it now lies in the local caches (after an unpack).
+
+    ``into``: the pulling session's recorder, the only session that gets it (with the process's
+    artifacts). Another session open at the same time did not produce or use this file; fed to it,
+    that session would push a bundle holding the other's kernels under its own key.
+    """
     path = local_path(name, settings)
-    record(name, source_for(name, path))
+    source = source_for(name, path)
+    if into is None:
+        record(name, source)
+    else:
+        _process.add(name, source)
+        into.add(name, source)
     return path
 
 

@@ -252,7 +252,7 @@ class CompileSession:
         vanished: list[str] = []
         for record in manifest.files:
             try:
-                path = recording.record_member(record.path, self.settings)
+                path = recording.record_member(record.path, self.settings, into=self._recorder)
             except OSError:
                 vanished.append(record.path)
                 continue
@@ -495,6 +495,7 @@ def _entries_time_ns(entries: dict[str, recording.Source]) -> int:
 # --- the module-level API (one stack of sessions per process) ---------------------------------------
 
 _sessions: list[CompileSession] = []
+_begun_on: dict[int, int] = {}  # id(session) -> the thread that began it
 _sessions_lock = threading.Lock()
 
 
@@ -514,6 +515,7 @@ def begin_compile(
     session = CompileSession(code=code, code_hash=code_hash, settings=settings).begin()
     with _sessions_lock:
         _sessions.append(session)
+        _begun_on[id(session)] = threading.get_ident()
     return session
 
 
@@ -532,9 +534,18 @@ def put(path: str | os.PathLike[str], data: bytes | None = None) -> None:
 
 
 def end_compile() -> Any:
-    """End the current session (see :meth:`CompileSession.end`); None when none is open."""
+    """End the current session (see :meth:`CompileSession.end`); None when none is open.
+
+    The current session is the last one this thread began: with sessions open on several threads
+    (a server compiling per request), one thread's ``end_compile`` must not end another's, which
+    would push it early and leave this one open and recording for good. A thread that began none
+    ends the last one begun anywhere (a session begun on the main thread, ended by a worker).
+    """
     with _sessions_lock:
-        session = _sessions.pop() if _sessions else None
+        session = _current_locked()
+        if session is not None:
+            _sessions.remove(session)
+            _begun_on.pop(id(session), None)
     return session.end() if session is not None else None
 
 
@@ -544,8 +555,17 @@ def sync() -> None:
 
 
 def current() -> CompileSession | None:
+    """The last session this thread began, else the last one begun on any thread."""
     with _sessions_lock:
-        return _sessions[-1] if _sessions else None
+        return _current_locked()
+
+
+def _current_locked() -> CompileSession | None:
+    me = threading.get_ident()
+    for session in reversed(_sessions):
+        if _begun_on.get(id(session)) == me:
+            return session
+    return _sessions[-1] if _sessions else None
 
 
 @contextlib.contextmanager
@@ -561,6 +581,7 @@ def compile_session(
         with _sessions_lock:
             if session in _sessions:
                 _sessions.remove(session)
+            _begun_on.pop(id(session), None)
 
 
 # --- bundler warm: a prebake around any command ---------------------------------------------------

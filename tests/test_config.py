@@ -100,3 +100,12 @@ def test_credentials_in_bundler_remote_are_refused_without_showing_the_secret() 
             Settings.from_env({"BUNDLER_REMOTE": remote})
         assert "AKIAEXAMPLE:***@bucket/p" in str(err.value)
         assert "supersecret" not in str(err.value) and "XUtn" not in str(err.value) and "wJalr" not in str(err.value)
+
+
+def test_triton_cache_dir_is_taken_as_triton_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton does not expand ``~`` in TRITON_CACHE_DIR (a value from a pod spec or a YAML file
+    gets no shell): expanding it would unpack bundles where Triton never looks."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", "~/tcache")
+    assert Settings.from_env().triton_cache_dir == Path("~/tcache")
+    monkeypatch.setenv("BUNDLER_CACHE_DIR", "~/bcache")  # ours is ours to expand, as documented
+    assert Settings.from_env().cache_dir == Path("~/bcache").expanduser()

@@ -405,3 +405,51 @@ def test_sessions_artifacts_and_recording_import_nothing_above_them(tmp_path: Pa
     proc = subprocess.run([sys.executable, "-c", _LAYERS, str(tmp_path), local_store_url],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_hit_records_its_files_for_its_own_session_only(tmp_path: Path, local_store_url: str) -> None:
+    """Two sessions open in one process (two models, a threaded server): A's pulled files must not
+    go into B, or B (a miss) pushes a bundle holding A's kernels under its own key."""
+    a_producer = node_settings(tmp_path, "a", local_store_url)
+    with bundler.compile_session(code="A = 1\n", settings=a_producer):
+        for path in fake_kernel(a_producer, "akern").values():
+            bundler.put(path)
+    node = node_settings(tmp_path, "b", local_store_url)
+    a = session_mod.CompileSession(code="A = 1\n", settings=node).begin()
+    b = session_mod.CompileSession(code="B = 2\n", settings=node).begin()
+    assert a.sync() and not b.sync()
+    for path in fake_kernel(node, "bkern").values():
+        b.put(path)
+    a.end()
+    pushed = b.end()
+    assert pushed is not None
+    assert sorted(r.path for r in pushed.manifest.files) == [
+        f"triton/{GROUP_KEY}/__grp__bkern.json", f"triton/{GROUP_KEY}/bkern.cubin", f"triton/{GROUP_KEY}/bkern.json"
+    ]
+    assert a.pushed is None  # and A, a hit with nothing new, pushes nothing
+
+
+def test_end_compile_ends_the_session_this_thread_began(tmp_path: Path, local_store_url: str) -> None:
+    """One thread's end_compile() must not end another thread's session (pushing it early and
+    leaving its own open and recording)."""
+    settings = node_settings(tmp_path, "c", local_store_url)
+    began, release, ended = threading.Event(), threading.Event(), {}
+
+    def worker() -> None:
+        ended["mine"] = bundler.begin_compile(code="T1 = 1\n", settings=settings)
+        began.set()
+        release.wait(10)
+        bundler.end_compile()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert began.wait(10)
+    main = bundler.begin_compile(code="T2 = 1\n", settings=settings)
+    try:
+        release.set()
+        thread.join(10)
+        assert ended["mine"]._state == "ended" and main._state == "open"
+        assert session_mod.current() is main
+    finally:
+        bundler.end_compile()
+    assert main._state == "ended"

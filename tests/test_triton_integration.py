@@ -17,6 +17,7 @@ from triton.runtime.cache import FileCacheManager, RemoteCacheManager
 
 import bundler
 from bundler import relocate
+from bundler.config import Settings
 from bundler.integrations import triton as bt
 from bundler.integrations import triton_cache, triton_remote
 from bundler.integrations.triton_remote import StoreRemoteCacheBackend
@@ -235,3 +236,22 @@ def test_kernel_identity_covers_jit_helpers_and_constexpr_globals(tmp_path: Path
     assert _kernel_code_hash(tmp_path / "same") == base
     assert _kernel_code_hash(tmp_path / "helper", step=2) != base
     assert _kernel_code_hash(tmp_path / "constexpr", scale=3) != base
+
+
+def test_autotuners_that_prune_differently_do_not_share_winners(tmp_path: Path) -> None:
+    """Two ``autotune`` wrappers of one kernel with the same candidates: one prunes before
+    benchmarking (to configs that fit shared memory, say), one does not, and another names other
+    key arguments. Each must keep its own record, or one loads a winner the other chose."""
+    settings = Settings(cache_dir=tmp_path, bundles=False)
+    plain = bt.autotune(configs=tk.configs(), key=["n"], settings=settings)(tk.add_kernel)
+    pruned = bt.autotune(configs=tk.configs(), key=["n"], settings=settings,
+                         prune_configs_by={"early_config_prune": _keep_first})(tk.add_kernel)
+    plain_again = bt.autotune(configs=tk.configs(), key=["n"], settings=settings)(tk.add_kernel)
+    keys_of = {name: tuner.cache._cache_for((100,)).key  # type: ignore[union-attr]
+               for name, tuner in (("plain", plain), ("pruned", pruned), ("again", plain_again))}
+    assert keys_of["plain"] == keys_of["again"]  # the same setup still shares its record
+    assert keys_of["plain"] != keys_of["pruned"]
+
+
+def _keep_first(configs, named_args, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    return configs[:1]

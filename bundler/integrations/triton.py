@@ -155,12 +155,33 @@ class TuningResults(dict):
         if identity is None:
             return None
         name, filename, source = identity
-        meta = {"kernel": name, "source": source, "tuning_key": tuning_key}
+        meta = {"kernel": name, "source": source, "tuning_key": tuning_key, **self._tuner_setup()}
         try:
             return AutotuneCache.create(meta, filename, configs_hash(self._tuner.configs), settings=self._settings)
         except TypeError:
             log.debug("tuning key %r of %s is not JSON; not cached", tuning_key, name)
             return None
+
+    def _tuner_setup(self) -> dict[str, object]:
+        """What makes two autotuners over one kernel choose differently from the same candidates:
+        the arguments the tuning key names, and how configs are pruned before benchmarking.
+
+        Without it, a tuner that prunes to configs fitting shared memory and one that does not
+        would share records: the pruning one could load a winner its prune rejects, and the
+        other one a winner chosen from a pruned list without a benchmark.
+        """
+        tuner = self._tuner
+
+        def named(fn: object) -> str | None:
+            if fn is None:
+                return None
+            return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+        setup: dict[str, object] = {"key_args": [str(k) for k in getattr(tuner, "keys", ()) or ()]}
+        prune, model = getattr(tuner, "early_config_prune", None), getattr(tuner, "perf_model", None)
+        if prune is not None or model is not None:
+            setup["prune"] = [named(prune), named(model), getattr(tuner, "configs_top_k", None)]
+        return setup
 
     def _kernel_identity(self) -> tuple[str, str, str] | None:
         """(qualified name, source file, code hash: see the module doc), computed once per kernel."""
