@@ -65,7 +65,9 @@ def command(tree: str, op: str, src: Path, bundle: Path, dest: Path) -> tuple[fl
         shutil.rmtree(dest, ignore_errors=True)
         args = ["unpack", str(bundle), "--into", str(dest)]
     else:
-        args = ["pack", str(src), "-o", str(dest.with_name("cmd-pack.tar.zst"))]
+        out = dest.with_name("cmd-pack.tar.zst")
+        out.unlink(missing_ok=True)  # pack -o refuses to replace a file (and older copies lack --force)
+        args = ["pack", str(src), "-o", str(out)]
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", COMMAND, *args], env=env, cwd="/", stdout=subprocess.DEVNULL)

@@ -144,7 +144,7 @@ def bench(label: str, src: Path, rounds: int, only: str | None) -> list[str]:
         s = interleaved(
             {
                 "cmd": (
-                    nothing,
+                    lambda: ours_file.unlink(missing_ok=True),  # pack -o refuses to replace a file
                     command("pack", str(src), "-o", str(ours_file)),
                 ),
                 "lib": (nothing, lambda: archive.pack(src, io.BytesIO())),

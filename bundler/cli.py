@@ -36,24 +36,102 @@ def _open_input(path: str) -> Iterator[BinaryIO]:
         f = open(path, "rb")  # noqa: SIM115 - closed below, after the caller's block
     except FileNotFoundError:
         raise LocalFileNotFoundError(f"bundle file {path} does not exist") from None
+    except IsADirectoryError:
+        raise _is_a_directory(path) from None
     except OSError as exc:
         raise BundlerError(f"cannot open {path}: {exc.strerror or exc}") from None
     with f:
         yield f
 
 
+def _is_a_directory(path: str) -> ConfigError:
+    return ConfigError(f"{path} is a directory, not a bundle file; give the .tar.zst file "
+                       "(`bundler pack` or `bundler export` makes one)")
+
+
 @contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[BinaryIO]:
-    """A file that appears at ``path`` complete or not at all (``-``: stdout)."""
+def _naming_the_file(path: str) -> Iterator[None]:
+    """A bundle file the reader rejects is named in the message, with what to do about it.
+
+    The reader does not know where its bytes came from (a store, a file, stdin); the command does,
+    so it prefixes the path and, for a corrupt or foreign file, says how to get a good one.
+    """
+    from bundler.errors import BundleError, ManifestError, NotABundleError, UnsafeMemberError
+
+    try:
+        yield
+    except BundleError as exc:
+        hint = ""
+        if isinstance(exc, NotABundleError | ManifestError):
+            hint = "; copy or export it again"
+        elif isinstance(exc, UnsafeMemberError):
+            hint = "; give a bundle made by `bundler pack` or `bundler export`"
+        name = "stdin" if path == "-" else path
+        raise type(exc)(f"{name}: {exc}{hint}") from exc
+
+
+class _OutputFile:
+    """The file behind ``-o``: a failed write names the file the user gave, not our temp file."""
+
+    def __init__(self, f: BinaryIO, path: str) -> None:
+        self._f, self._path = f, path
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            raise _cannot_write(self._path, exc) from None
+
+
+def _cannot_write(path: str, exc: OSError) -> BundlerError:
+    """``cannot write PATH: WHAT; WHAT TO DO`` for a local write that failed (exit 1)."""
+    import errno
+
+    why = {
+        errno.ENOSPC: "the disk is full; free space or write it elsewhere",
+        errno.EDQUOT: "the disk quota is exceeded; free space or write it elsewhere",
+        errno.EROFS: "the filesystem is read-only; write it elsewhere",
+        errno.EACCES: "permission denied; write it to a folder you may write to",
+        errno.EPERM: "permission denied; write it to a folder you may write to",
+        errno.EISDIR: "it is a directory; give a file path",
+        errno.EFBIG: "the file is over the size limit of this process or filesystem; write it elsewhere",
+        errno.ENOENT: f"folder {Path(path).parent} does not exist; create it first",
+        errno.ENOTDIR: f"a part of {Path(path).parent} is not a folder; choose another path",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    return BundlerError(f"cannot write {path}: {why}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, *, force: bool = False) -> Iterator[BinaryIO]:
+    """A file that appears at ``path`` complete or not at all (``-``: stdout, never a terminal).
+
+    An existing file is replaced only with ``force``: the output is often a copy on removable
+    media on its way to an air-gapped cluster, and losing it silently is losing data.
+    """
     if path == "-":
+        if sys.stdout.isatty():
+            raise ConfigError("stdout is a terminal; redirect it or give -o FILE")
         yield sys.stdout.buffer
         return
-    if not Path(path).parent.is_dir():
-        raise BundlerError(f"cannot write {path}: folder {Path(path).parent} does not exist; create it first")
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"-o {path} is a directory; give a file path, e.g. {target / 'cache.tar.zst'}")
+    if not target.parent.is_dir():
+        raise BundlerError(f"cannot write {path}: folder {target.parent} does not exist; create it first")
+    if not force and (target.exists() or target.is_symlink()):
+        raise ConfigError(f"{path} exists; give --force to replace it, or choose another -o FILE")
     from bundler.fileio import atomic_writer
 
-    with atomic_writer(path) as f:
-        yield f
+    in_block = False
+    try:
+        with atomic_writer(path) as f:
+            in_block = True
+            yield _OutputFile(f, path)  # type: ignore[misc]
+            in_block = False
+    except OSError as exc:
+        if in_block:  # not ours to explain: the command's own block failed
+            raise
+        raise _cannot_write(path, exc) from None
 
 
 def relocator(args: argparse.Namespace):
@@ -92,7 +170,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from bundler.bundle import writer
     from bundler.keys import producer_facts
 
-    with atomic_output(args.output) as out:
+    _check_not_inside(args.output, args.dir)
+    with atomic_output(args.output, force=args.force) as out:
         result = writer.pack(Path(args.dir), out, settings=_settings(args), producer=producer_facts())
     _print_digest(result.digest, args.output)
     log.info("packed %d files (%d bytes) into %s (%d bytes)", len(result.manifest.files),
@@ -100,10 +179,21 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_not_inside(output: str, folder: str) -> None:
+    """Refuse ``pack DIR -o DIR/x.tar.zst``: the bundle would hold our own temp file (and the last
+    output), so it would differ on every run and grow with each one."""
+    if output == "-":
+        return
+    top = Path(folder).resolve()
+    if top.is_dir() and Path(output).resolve().is_relative_to(top):
+        raise ConfigError(f"-o {output} is inside {folder}, the folder being packed: the bundle would contain "
+                          "itself; write it outside that folder")
+
+
 def cmd_unpack(args: argparse.Namespace) -> int:
     from bundler.bundle import archive
 
-    with _open_input(args.file) as f:
+    with _open_input(args.file) as f, _naming_the_file(args.file):
         man = archive.unpack(
             f, Path(args.into), expected_digest=args.digest, settings=_settings(args), rewrite=relocator(args)
         )
@@ -115,7 +205,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from bundler.bundle import archive
 
-    with _open_input(args.file) as f:
+    with _open_input(args.file) as f, _naming_the_file(args.file):
         man = archive.verify(f, expected_digest=args.digest, settings=_settings(args))
     print(f"ok {man.digest} {len(man.files)} files {man.total_size} bytes")
     return EXIT_OK
@@ -124,7 +214,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bundler.bundle import archive
 
-    with _open_input(args.file) as f:
+    with _open_input(args.file) as f, _naming_the_file(args.file):
         man = archive.read_manifest(f, settings=_settings(args))
     summary = man.summary()
     if args.files or args.json:
@@ -183,6 +273,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from bundler.remote import transfer
 
     store, settings = _store(args)
+    _check_store_exists(store)
     with store:
         result = transfer.pull(
             store, Path(args.into), digest=args.digest, ref=args.ref, settings=settings,
@@ -196,7 +287,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bundler.remote import transfer
 
     store, settings = _store(args)
-    with store, atomic_output(args.output) as out:
+    _check_store_exists(store)
+    with store, atomic_output(args.output, force=args.force) as out:
         man = transfer.export(
             store, out, digest=args.digest, ref=args.ref, settings=settings, progress=_progress(args, "export")
         )
@@ -208,14 +300,37 @@ def cmd_import(args: argparse.Namespace) -> int:
     from bundler.remote import transfer
 
     store, settings = _store(args)
-    if not Path(args.file).is_file():
-        raise LocalFileNotFoundError(f"bundle file {args.file} does not exist")
-    with store:
-        result = transfer.import_file(
-            store, args.file, ref=args.ref, settings=settings, progress=_progress(args, "import")
-        )
+    with contextlib.ExitStack() as stack:
+        path = _spooled_stdin(stack) if args.file == "-" else args.file
+        if Path(path).is_dir():
+            raise _is_a_directory(path)
+        if not Path(path).is_file():
+            raise LocalFileNotFoundError(f"bundle file {path} does not exist")
+        with store, _naming_the_file(args.file):
+            result = transfer.import_file(
+                store, path, ref=args.ref, settings=settings, progress=_progress(args, "import")
+            )
     print(result.digest)
     return EXIT_OK
+
+
+def _spooled_stdin(stack: contextlib.ExitStack) -> str:
+    """``import -``: stdin copied to a private temp file named ``stdin`` (the name the ref records).
+
+    The import reads its file twice over (verify, then upload from a spool), and a pipe cannot be
+    read twice; a terminal is refused, as it would only wait for typed bytes.
+    """
+    import shutil
+    import tempfile
+
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ConfigError("stdin is a terminal; redirect a bundle file into it (`bundler import - < FILE`) "
+                          "or give the FILE")
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bundler-import-"))
+    path = os.path.join(folder, "stdin")
+    with open(path, "wb") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+    return path
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -242,12 +357,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _check_store_exists(store) -> None:  # noqa: ANN001 - any Store
+    """A folder store that does not exist is said so (exit 3), not read as an empty store.
+
+    Like S3's NoSuchBucket: a typo in the path must not look like a missing ref.
+    """
     from bundler.errors import NotFoundError
     from bundler.stores import LocalStore
 
     if isinstance(store, LocalStore) and not store.root.is_dir():
-        # Like S3's NoSuchBucket: a typo in the path must not look like an empty store.
-        raise NotFoundError(f"store folder {store.root} does not exist; check --remote / BUNDLER_REMOTE")
+        error = NotFoundError(f"store folder {store.root} does not exist; check --remote / BUNDLER_REMOTE "
+                              "(a push or an import creates it)")
+        error.next_step_given = True  # `bundler ls` would only say the same again
+        raise error
 
 
 def _ref_doc(store, name: str, settings) -> dict:  # noqa: ANN001 - Store, Settings
@@ -285,6 +406,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from bundler.remote import refs
 
     store, settings = _store(args)
+    _check_store_exists(store)
     with store:
         ref = refs.read_ref(store, args.ref, settings)
         doc = {**_ref_doc(store, args.ref, settings), **ref.body(), "signature": ref.signature}
@@ -305,6 +427,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from bundler.remote import layout
 
     store, _ = _store(args)
+    _check_store_exists(store)
     key = layout.ref_key(args.ref)
     with store:
         if not store.exists(key):
@@ -491,6 +614,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         public = signing.generate_ed25519(args.path)
     except FileExistsError as exc:
         raise ConfigError(f"{exc}; a key in use must not be replaced silently") from None
+    except OSError as exc:
+        raise _cannot_write(exc.filename if isinstance(exc.filename, str) else args.path, exc) from None
     print(public)
     print(f"writers: BUNDLER_SIGNING_KEY_FILE={args.path}; readers: BUNDLER_TRUSTED_KEYS={public} "
           f"(or {args.path}.pub)", file=sys.stderr)
@@ -585,7 +710,26 @@ def _verb_to_build(argv: Sequence[str]) -> str | None:
 def _pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="directory to pack")
     p.add_argument("-o", "--output", required=True, help="bundle file to write ('-' for stdout)")
-    p.add_argument("--level", type=int, help="zstd level (default BUNDLER_ZSTD_LEVEL or 3)")
+    _force_flag(p)
+    p.add_argument("--level", type=_zstd_level, help="zstd level (default BUNDLER_ZSTD_LEVEL or 3)")
+
+
+def _force_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace the -o file if it exists (refused by default)")
+
+
+def _zstd_level(value: str) -> int:
+    from bundler.config import ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
+
+    try:
+        level = int(value)
+    except ValueError:
+        level = ZSTD_MAX_LEVEL + 1
+    if not ZSTD_MIN_LEVEL <= level <= ZSTD_MAX_LEVEL:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a zstd level: give an integer from {ZSTD_MIN_LEVEL} to {ZSTD_MAX_LEVEL} "
+            "(negative levels are its fast modes, 3 is the default)")
+    return level
 
 
 def _unpack_arguments(p: argparse.ArgumentParser) -> None:
@@ -654,11 +798,12 @@ def _pull_arguments(p: argparse.ArgumentParser) -> None:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     _target_arguments(p)
     p.add_argument("-o", "--output", required=True, help="file to write ('-' for stdout)")
+    _force_flag(p)
     _remote_flags(p)
 
 
 def _import_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="bundle file")
+    p.add_argument("file", help="bundle file ('-' for stdin)")
     p.add_argument("--ref", help="point this ref name at the bundle")
     _remote_flags(p)
 
@@ -680,8 +825,10 @@ def _rm_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _gc_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N refs of each prefix (the part before the last '/')")
-    p.add_argument("--older-than", metavar="DURATION", help="delete refs not written for DURATION (e.g. 30d, 12h)")
+    p.add_argument("--keep-last", type=int, metavar="N",
+                   help="keep the newest N refs of each prefix (the part before the last '/'), whatever their age")
+    p.add_argument("--older-than", metavar="DURATION",
+                   help="delete refs not written for DURATION (e.g. 30d, 12h), except those --keep-last keeps")
     p.add_argument("--grace", metavar="DURATION",
                    help="delete unreferenced bundles only when older than this (default 1h: a push in flight is "
                    "safe; must be over 10m, the window in which a push does not refresh a stored bundle)")
@@ -923,7 +1070,7 @@ def _with_next_step(exc: BundlerError) -> str:
     from bundler.errors import NotFoundError
 
     message = str(exc)
-    if isinstance(exc, NotFoundError) and "bundler ls" not in message:
+    if isinstance(exc, NotFoundError) and "bundler ls" not in message and not getattr(exc, "next_step_given", False):
         message += "; run `bundler ls` to see the refs and bundles in the store"
     return message
 

@@ -300,3 +300,126 @@ def test_main_gives_the_garbage_collector_back(packed, tmp_path):
     assert gc.isenabled()
     assert main(["unpack", str(tmp_path / "missing"), "--into", str(tmp_path / "y")]) == 3
     assert gc.isenabled()
+
+
+# --- output files, bad input files, and what the messages say (the CLI review) -------------------
+
+
+def test_an_existing_output_is_kept_unless_force(packed, tmp_path):
+    """`-o FILE` onto an existing file (the copy on removable media) is refused, not overwritten."""
+    precious = tmp_path / "precious.txt"
+    precious.write_bytes(b"important\n")
+    result = bundler("pack", str(tmp_path / "src"), "-o", str(precious))
+    assert result.returncode == 2 and str(precious).encode() in result.stderr and b"--force" in result.stderr
+    assert precious.read_bytes() == b"important\n"
+    out, digest = packed
+    forced = bundler("pack", str(tmp_path / "src"), "-o", str(precious), "--force")
+    assert forced.returncode == 0 and forced.stdout.decode().strip() == digest
+    assert precious.read_bytes() == out.read_bytes()
+    to_stdout = bundler("pack", str(tmp_path / "src"), "-o", "-")
+    assert to_stdout.returncode == 0 and to_stdout.stdout == out.read_bytes()
+
+
+def test_a_bundle_is_not_written_to_a_terminal(tmp_path):
+    import pty
+
+    write_tree(tmp_path / "src", FILES)
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bundler.cli", "pack", str(tmp_path / "src"), "-o", "-"],
+                              stdout=terminal, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert proc.returncode == 2 and b"stdout is a terminal; redirect it or give -o FILE" in proc.stderr
+
+
+def test_pack_refuses_an_output_inside_the_packed_folder(tmp_path):
+    write_tree(tmp_path / "src", FILES)
+    result = bundler("pack", str(tmp_path / "src"), "-o", str(tmp_path / "src" / "out.tar.zst"))
+    assert result.returncode == 2 and b"inside" in result.stderr and b"outside" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["k1", "k2"]
+
+
+def test_output_that_is_a_directory_is_a_usage_error(tmp_path):
+    write_tree(tmp_path / "src", FILES)
+    (tmp_path / "out").mkdir()
+    for force in ((), ("--force",)):
+        result = bundler("pack", str(tmp_path / "src"), "-o", str(tmp_path / "out"), *force)
+        assert result.returncode == 2 and b"is a directory" in result.stderr and b".part" not in result.stderr
+
+
+def test_a_failed_write_names_the_output_not_the_temp_file(tmp_path):
+    """A write that fails (here: over RLIMIT_FSIZE, as a full disk would) names -o and why; no .part is left."""
+    import resource
+
+    write_tree(tmp_path / "src", {"big.bin": os.urandom(200_000)})
+    out = tmp_path / "out.tar.zst"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bundler.cli", "pack", str(tmp_path / "src"), "-o", str(out)], capture_output=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000)), timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(f"bundler: error: cannot write {out}: ".encode()) and b"size limit" in proc.stderr
+    assert b".part" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_keygen_into_a_missing_folder_says_so(tmp_path):
+    result = bundler("keygen", str(tmp_path / "nodir" / "k"))
+    assert result.returncode == 1
+    assert f"cannot write {tmp_path / 'nodir' / 'k'}: folder {tmp_path / 'nodir'} does not exist".encode() in result.stderr
+
+
+@pytest.mark.parametrize("verb", ["verify", "inspect", "unpack"])
+def test_a_bad_bundle_file_is_named_with_what_to_do(verb, packed, tmp_path):
+    out, _ = packed
+    bad = tmp_path / "notb.txt"
+    bad.write_bytes(b"not a bundle\n")
+    truncated = tmp_path / "trunc.tar.zst"
+    truncated.write_bytes(out.read_bytes()[:100])
+    extra = ("--into", str(tmp_path / "d")) if verb == "unpack" else ()
+    for path in (bad, truncated):
+        result = bundler(verb, str(path), *extra)
+        assert result.returncode == 4, result.stderr
+        assert result.stderr.startswith(f"bundler: error: {path}: not a bundle".encode()), result.stderr
+        assert result.stderr.rstrip().endswith(b"copy or export it again")
+    piped = bundler(verb, "-", *extra, stdin=out.read_bytes()[:100])
+    assert piped.returncode == 4 and piped.stderr.startswith(b"bundler: error: stdin: not a bundle")
+    folder = bundler(verb, str(tmp_path / "src"), *extra)
+    assert folder.returncode == 2 and b"is a directory, not a bundle file" in folder.stderr
+
+
+def test_import_names_a_bad_file_and_reads_stdin(packed, tmp_path):
+    out, digest = packed
+    mirror = (tmp_path / "mirror").as_uri()
+    bad = tmp_path / "notb.txt"
+    bad.write_bytes(b"not a bundle\n")
+    result = bundler("import", str(bad), "--remote", mirror)
+    assert result.returncode == 4 and result.stderr.startswith(f"bundler: error: {bad}: not a bundle".encode())
+    assert b"copy or export it again" in result.stderr
+    folder = bundler("import", str(tmp_path / "src"), "--remote", mirror)
+    assert folder.returncode == 2 and b"is a directory" in folder.stderr
+    piped = bundler("import", "-", "--ref", "from/stdin", "--remote", mirror, stdin=out.read_bytes())
+    assert piped.returncode == 0 and piped.stdout.decode().strip() == digest, piped.stderr
+    shown = bundler("show", "from/stdin", "--remote", mirror)
+    assert f"digest:       {digest}".encode() in shown.stdout and b"extra.imported_from: stdin" in shown.stdout
+    cut = bundler("import", "-", "--remote", mirror, stdin=out.read_bytes()[:100])
+    assert cut.returncode == 4 and cut.stderr.startswith(b"bundler: error: stdin: not a bundle")
+
+
+def test_level_is_checked_by_the_parser(tmp_path):
+    write_tree(tmp_path / "src", FILES)
+    result = bundler("pack", str(tmp_path / "src"), "-o", str(tmp_path / "z.tar.zst"), "--level", "99")
+    assert result.returncode == 2 and b"--level" in result.stderr and b"BUNDLER_ZSTD_LEVEL" not in result.stderr
+    assert bundler("pack", str(tmp_path / "src"), "-o", str(tmp_path / "z.tar.zst"), "--level", "19").returncode == 0
+
+
+def test_a_missing_store_folder_is_said_so_by_every_reader(packed, tmp_path):
+    typo = str(tmp_path / "typo")
+    for args in (("ls",), ("show", "r"), ("pull", "--ref", "r", "--into", str(tmp_path / "d")),
+                 ("export", "--ref", "r", "-o", str(tmp_path / "x.tar.zst")), ("rm", "r")):
+        result = bundler(*args, "--remote", typo)
+        assert result.returncode == 3, (args, result.stderr)
+        assert f"store folder {typo} does not exist".encode() in result.stderr, (args, result.stderr)
+        assert b"bundler ls" not in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "x.tar.zst").exists() and not (tmp_path / "typo").exists()

@@ -141,3 +141,28 @@ def test_warm_pushes_nothing_when_the_command_fails_and_returns_its_code(s3_serv
     assert json.loads(ok.stdout)["pushed"]
     shown = json.loads(bundler("show", "w", "--remote", s3_server, "--json").stdout)
     assert shown["extra"]["warm"] is True and shown["tuning_s"] == 2.0 and shown["entries"] == 1
+
+
+def test_a_ref_whose_bundle_is_gone_says_so(s3_server, s3_bucket, moto_endpoint, src, tmp_path):
+    """The ref is what the user named: the message names it and its missing bundle, and what to do."""
+    digest = bundler("push", str(src), "--remote", s3_server, "--ref", "a/one").stdout.strip()
+    _boto_client(moto_endpoint).delete_object(Bucket=s3_bucket, Key=f"some/prefix/v1/bundles/{digest}.tar.zst")
+    for args in (("pull", "--ref", "a/one", "--into", str(tmp_path / "d")),
+                 ("export", "--ref", "a/one", "-o", str(tmp_path / "x.tar.zst"))):
+        result = bundler(*args, "--remote", s3_server)
+        assert result.returncode == 3, result.stderr
+        assert f"ref a/one points at bundle {digest}, which is not in the store" in result.stderr, result.stderr
+        assert "push the ref again" in result.stderr
+    assert not (tmp_path / "x.tar.zst").exists() and not (tmp_path / "d").exists()
+
+
+def test_export_keeps_an_existing_file_unless_force(s3_server, src, tmp_path):
+    digest = bundler("push", str(src), "--remote", s3_server, "--ref", "ci/main").stdout.strip()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("important\n")
+    result = bundler("export", "--ref", "ci/main", "--remote", s3_server, "-o", str(precious))
+    assert result.returncode == 2 and str(precious) in result.stderr and "--force" in result.stderr
+    assert precious.read_text() == "important\n"
+    forced = bundler("export", "--ref", "ci/main", "--remote", s3_server, "-o", str(precious), "--force")
+    assert forced.returncode == 0 and forced.stdout.strip() == digest
+    assert bundler("verify", str(precious), "--digest", digest).returncode == 0

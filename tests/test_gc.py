@@ -54,6 +54,30 @@ def test_keep_last_is_per_prefix():
     assert {r.name for r in plan.keep_refs} == {"llama/1", "llama/2", "mistral/1", "mistral/2"}
 
 
+def test_keep_last_is_a_floor_under_older_than():
+    """`--keep-last 5 --older-than 30d` on a prefix idle for 40 days keeps its 5 newest refs (the one
+    its jobs read among them); before, older-than deleted them all."""
+    refs = [ref(f"llama/{i}", d(i), ago(days=40 + i)) for i in range(7)] + [ref("fresh/a", d(20), ago(days=1))]
+    plan = gc.plan(refs, [], gc.Policy(keep_last=5, older_than=30 * 86400), NOW)
+    assert sorted(r.name for r, _ in plan.delete_refs) == ["llama/5", "llama/6"]
+    assert {r.name for r in plan.keep_refs} == {f"llama/{i}" for i in range(5)} | {"fresh/a"}
+    alone = gc.plan(refs, [], gc.Policy(older_than=30 * 86400), NOW)  # without a floor, age alone decides
+    assert [r.name for r in alone.keep_refs] == ["fresh/a"]
+
+
+def test_keep_last_floor_through_the_cli(local_store_url):
+    with open_store(local_store_url, Settings()) as store:
+        for i in range(3):
+            push(store, f"llama/{i}", f"v{i}".encode())
+            backdate(store, layout.ref_key(f"llama/{i}"), 40 * 86400 - i * 60)
+    out = bundler("gc", "--remote", local_store_url, "--keep-last", "2", "--older-than", "30d", "--yes", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["executed"]["deleted_refs"] == ["llama/0"]
+    with open_store(local_store_url, Settings()) as store:
+        assert sorted(name for name, _ in transfer.list_remote(store).refs) == ["llama/1", "llama/2"]
+    assert "whatever their age" in bundler("gc", "--help").stdout
+
+
 def test_older_than_deletes_old_refs_and_then_their_bundles():
     refs = [ref("a", d(1), ago(days=40)), ref("b", d(2), ago(days=1))]
     bundles = [bundle(d(1), ago(days=40)), bundle(d(2), ago(days=1))]
@@ -318,7 +342,7 @@ def test_odd_refs_are_reported_and_left_alone_and_gc_goes_on(store_url, caplog):
         store.write_bytes("v1/refs/broken.json", b"{not json")
         with caplog.at_level("WARNING", logger="bundler.remote.gc"):
             refs, bundles = gc.gather(store)
-        the_plan = gc.plan(refs, bundles, gc.Policy(keep_last=1, older_than=3600), later)
+        the_plan = gc.plan(refs, bundles, gc.Policy(older_than=3600), later)
         odd = {r.key: r.problem for r in the_plan.odd_refs}
         assert sorted(odd) == ["v1/refs/big.json", "v1/refs/broken.json", "v1/refs/copy of keep.json"]
         assert "not a valid ref name" in odd["v1/refs/copy of keep.json"] and "delete it" in odd["v1/refs/big.json"]

@@ -8,8 +8,10 @@ What goes, in this order:
 
 1. Refs, by retention: refs are grouped by *prefix* (the part of the name before the last ``/``;
    ``llama/h100`` and ``llama/a100`` share ``llama``, a name without ``/`` is in the group ``""``).
-   ``keep_last`` keeps the newest N of each group; ``older_than`` deletes refs not written for
-   that long. A ref kept by one rule and deleted by the other is deleted.
+   ``keep_last`` keeps the newest N of each group and deletes the rest; ``older_than`` deletes
+   refs not written for that long. ``keep_last`` is a floor: the newest N of each group are kept
+   whatever their age, so ``--keep-last 5 --older-than 30d`` never empties a prefix whose jobs
+   have been idle for a month (the ref they read is among its newest).
 2. Bundles that no remaining ref names *and* that are older than ``grace``. The grace period is
    what keeps a push in flight safe: a push uploads its bundle first and writes its ref after, so
    for a moment a new bundle is unreferenced. A push that finds its bundle already stored (and
@@ -117,7 +119,8 @@ class BundleEntry:
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """Retention: ``keep_last`` refs per prefix, refs ``older_than`` seconds go, bundles after ``grace``."""
+    """Retention: the newest ``keep_last`` refs per prefix stay (whatever their age), other refs
+    ``older_than`` seconds go, unnamed bundles after ``grace``."""
 
     keep_last: int | None = None
     older_than: float | None = None
@@ -179,13 +182,17 @@ def plan(refs: Iterable[RefEntry], bundles: Iterable[BundleEntry], policy: Polic
     groups: dict[str, list[RefEntry]] = {}
     for ref in refs:
         groups.setdefault(ref.prefix, []).append(ref)
+    floor: set[str] = set()  # the newest keep_last of each group: kept whatever their age
     for group in groups.values():
         newest_first = sorted(group, key=lambda r: (_ts(r.modified), r.name), reverse=True)
         if policy.keep_last is not None:
+            floor.update(r.name for r in newest_first[: policy.keep_last])
             for ref in newest_first[policy.keep_last:]:
                 doomed[ref.name] = f"beyond the newest {policy.keep_last} of prefix {ref.prefix or '(none)'!r}"
     if policy.older_than is not None:
         for ref in refs:
+            if ref.name in floor:
+                continue
             if ref.modified is not None and _age(now, ref.modified) > policy.older_than:
                 doomed.setdefault(ref.name, f"not written for {_human(_age(now, ref.modified))}")
     delete_refs = tuple((r, doomed[r.name]) for r in refs if r.name in doomed)

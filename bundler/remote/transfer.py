@@ -75,6 +75,21 @@ def _resolve(store: Store, digest: str | None, ref: str | None, settings: Settin
     return layout.check_digest(digest), None  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def _bundle_of(store: Store, found: Ref | None, digest: str) -> Iterator[None]:
+    """A ref whose bundle is gone says so: the ref is the object the user named, and the fix is
+    to push it again (a plain "bundles/<digest> not found" leaves them guessing why)."""
+    try:
+        yield
+    except NotFoundError as exc:
+        if found is None:
+            raise
+        raise NotFoundError(
+            f"ref {found.name} points at bundle {digest}, which is not in the store {store.url} (deleted by gc "
+            "or by hand); push the ref again"
+        ) from exc
+
+
 def upload(
     store: Store,
     stream: BinaryIO,
@@ -260,8 +275,9 @@ def pull(
     settings = settings or Settings.from_env()
     digest, found = _resolve(store, digest, ref, settings)
     if node_state is None:
-        return PullResult(digest, _download(store, dest, digest, found, settings, rewrite, progress, ops), found)
-    with _node_lock(node_state / f"{digest}.lock", max(1.0, settings.pull_budget)):
+        with _bundle_of(store, found, digest):
+            return PullResult(digest, _download(store, dest, digest, found, settings, rewrite, progress, ops), found)
+    with _bundle_of(store, found, digest), _node_lock(node_state / f"{digest}.lock", max(1.0, settings.pull_budget)):
         done = node_state / f"{digest}.manifest.json"
         man = _already_unpacked(done, digest, dest, settings, rewrite)
         if man is not None:
@@ -474,7 +490,7 @@ def export(
     for layer, other in sorted(linked.items()):
         log.warning("ref %s also needs bundle %s (%s); export it too (bundler export --digest %s) and import "
                     "it without a ref", ref, other, layer, other)
-    with store.open_read(layout.bundle_key(digest), progress=progress) as stream:
+    with _bundle_of(store, found, digest), store.open_read(layout.bundle_key(digest), progress=progress) as stream:
         return _verify_copying(stream, out, settings, expected_digest=digest)
 
 
