@@ -153,6 +153,10 @@ class Settings(Frozen):
         ref_max_age (``BUNDLER_REF_MAX_AGE``, seconds): refuse refs whose signed version (a write
             time) is older than this, bounding how long an old signed ref can be replayed to a
             node that has never seen a newer one. Unset: no age limit.
+        signing_scope (``BUNDLER_SIGNING_SCOPE``): a name for the store and prefix a key signs
+            for (``prod``, ``team-a/staging``). Writers put it into every ref they sign; readers
+            with it set refuse a ref signed for another scope, so a ref copied from a staging
+            prefix into production's, both signed with one key, is refused. Unset: not checked.
 
     Local caches and switches
         cache_dir (``BUNDLER_CACHE_DIR``): root of our local cache (autotune records, bundle
@@ -206,6 +210,7 @@ class Settings(Frozen):
     signing_key_file: Path | None = None
     trusted_keys: tuple[str, ...] = ()
     ref_max_age: float | None = None
+    signing_scope: str = ""
 
     cache_dir: Path = None  # type: ignore[assignment]  # None: _default_cache_dir(), computed per instance
     triton_cache_dir: Path = None  # type: ignore[assignment]  # None: _default_triton_cache_dir()
@@ -314,6 +319,11 @@ class Settings(Frozen):
         return bool(self.signing_key or self.signing_key_file or self.trusted_keys)
 
 
+#: Values that are published, never secret: pasted into BUNDLER_SIGNING_KEY they would make the
+#: HMAC key public (an Ed25519 public key line, an OpenSSH key, a PEM file's text).
+_NOT_A_SECRET = ("ed25519:", "ssh-ed25519 ", "-----BEGIN")
+
+
 def _check_signing(settings: Settings) -> None:
     """Empty signing values are errors: an empty key would otherwise mean "no checks" silently."""
     if settings.signing_key is not None and any(not s.strip() for s in settings.signing_key.split(",")):
@@ -321,6 +331,14 @@ def _check_signing(settings: Settings) -> None:
             "BUNDLER_SIGNING_KEY is set but empty (or has an empty entry between commas): that would turn "
             "signature checks off without a word; set the secret(s), or unset the variable to run unsigned"
         )
+    for secret in (settings.signing_key or "").split(","):
+        if secret.strip().startswith(_NOT_A_SECRET):
+            raise ConfigError(
+                "BUNDLER_SIGNING_KEY holds what looks like a public key or a key file's text "
+                f"({secret.strip()[:14]}...): it is an HMAC secret, so anyone who knows that value could sign. "
+                "Give Ed25519 public keys to readers in BUNDLER_TRUSTED_KEYS, the private key file to "
+                "writers in BUNDLER_SIGNING_KEY_FILE, and keep BUNDLER_SIGNING_KEY for a shared secret"
+            )
     if settings.signing_key_file is not None and not str(settings.signing_key_file).strip():
         raise ConfigError("BUNDLER_SIGNING_KEY_FILE is set but empty; name the Ed25519 private key file or unset it")
     if any(not entry.strip() for entry in settings.trusted_keys):
@@ -396,6 +414,7 @@ _ENV_NAMES = {
     "signing_key_file": "BUNDLER_SIGNING_KEY_FILE",
     "trusted_keys": "BUNDLER_TRUSTED_KEYS",
     "ref_max_age": "BUNDLER_REF_MAX_AGE",
+    "signing_scope": "BUNDLER_SIGNING_SCOPE",
     "cache_dir": "BUNDLER_CACHE_DIR",
     "triton_cache_dir": "TRITON_CACHE_DIR",
     "tag": "BUNDLER_TAG",
@@ -433,6 +452,7 @@ _PARSERS = {
     "signing_key_file": _nonempty_path,
     "trusted_keys": _nonempty_list,
     "ref_max_age": _parse_float,
+    "signing_scope": _str,
     "cache_dir": _path,
     "triton_cache_dir": _as_triton_reads_it,
     "tag": _str,

@@ -18,7 +18,7 @@ import triton
 
 from bundler.autotune import AutotuneCache, configs_hash
 from bundler.config import Settings
-from bundler.errors import ConfigError, SignatureError
+from bundler.errors import BundleError, ConfigError, SignatureError
 from bundler.remote import health, layout, refs, signing, transfer
 from bundler.stores import open_store
 
@@ -398,3 +398,51 @@ def test_absurd_unsigned_record_values_are_a_miss_with_no_config_built(
         assert _record_cache(settings, configs).read_best(configs) is None
     assert _CountingConfig.built == built
     assert "does not fit the candidates" in caplog.text
+
+
+def test_a_public_key_pasted_as_the_hmac_secret_is_refused(ed_keys) -> None:  # noqa: ANN001
+    """``keygen`` prints the public line for readers; pasted into BUNDLER_SIGNING_KEY it would be an
+    HMAC secret everyone knows, so anyone could sign refs the readers accept."""
+    for value in (str(ed_keys["new_inline"]), "ssh-ed25519 AAAAC3Nza", "-----BEGIN PUBLIC KEY-----"):
+        with pytest.raises(ConfigError, match="BUNDLER_SIGNING_KEY holds what looks like a public key"):
+            Settings(signing_key=value)
+
+
+@pytest.mark.parametrize("depth", [40, 983, 990])
+def test_a_deeply_nested_ref_is_refused_cleanly_and_never_blocks_a_push(store, base, depth: int) -> None:  # noqa: ANN001
+    """Nested just under the JSON parser's limit, a ref's body broke the signature check's own
+    encoding (RecursionError): readers crashed, and every later push to the ref failed."""
+    writer = base.replace(signing_key="s3cret")
+    signed = refs.write_ref(store, "prod", DIGEST_A, 10, settings=writer)
+    key_id = signed.signature.split(":")[1]  # type: ignore[union-attr]
+    nested = "[" * depth + "]" * depth
+    raw = (f'{{"name":"prod","digest":"{DIGEST_B}","size":1,"created":"x","version":1,'
+           f'"signature":"hmac-sha256:{key_id}:AAAA","extra":{{"x":{nested}}}}}')
+    store.write_bytes(layout.ref_key("prod"), raw.encode())
+    with pytest.raises((SignatureError, BundleError)):
+        refs.read_ref(store, "prod", writer)
+    again = refs.write_ref(store, "prod", DIGEST_A, 10, settings=writer)  # the producer can always fix it
+    assert refs.read_ref(store, "prod", writer).version == again.version
+
+
+def test_a_ref_copied_from_another_scope_signed_with_the_same_key_is_refused(store, base, tmp_path) -> None:  # noqa: ANN001
+    """One key often signs staging and production. Whoever can write production's prefix copies
+    staging's ref (and its bundle) in: with BUNDLER_SIGNING_SCOPE set, production refuses it."""
+    staging = open_store((tmp_path / "staging").as_uri())
+    writer = base.replace(signing_key="s3cret", cache_dir=base.cache_dir / "writer")
+    refs.write_ref(store, "prod", DIGEST_A, 10, settings=writer.replace(signing_scope="prod"))
+    refs.write_ref(staging, "prod", DIGEST_B, 10, settings=writer.replace(signing_scope="staging"))
+    reader = base.replace(signing_key="s3cret", signing_scope="prod")
+    assert refs.read_ref(store, "prod", reader).digest == DIGEST_A
+    store.write_bytes(layout.ref_key("prod"), staging.read_bytes(layout.ref_key("prod")))  # the copy
+    with pytest.raises(SignatureError, match="signed for scope 'staging', not 'prod'"):
+        refs.read_ref(store, "prod", reader)
+    # Without a scope the copy is a valid signed ref: the documented limit the setting closes.
+    assert refs.read_ref(store, "prod", base.replace(signing_key="s3cret", cache_dir=tmp_path / "n2")).digest == DIGEST_B
+
+
+def test_refs_signed_without_a_scope_still_verify(store, base) -> None:  # noqa: ANN001
+    writer = base.replace(signing_key="s3cret")
+    refs.write_ref(store, "prod", DIGEST_A, 10, settings=writer)
+    assert "scope" not in json.loads(store.read_bytes(layout.ref_key("prod")))
+    assert refs.read_ref(store, "prod", writer).digest == DIGEST_A

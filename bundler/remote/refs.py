@@ -83,10 +83,15 @@ class Ref:
     #: Monotonic per ref name: nanoseconds since the epoch at write time, or one past the version
     #: the store held, whichever is larger. 0 for refs written before versions existed.
     version: int = 0
+    #: The signing scope the writer named (``BUNDLER_SIGNING_SCOPE``); "" when it named none.
+    scope: str = ""
 
     def body(self) -> dict[str, Any]:
-        """Everything the signature covers (with the name, given to the signer separately)."""
-        return {
+        """Everything the signature covers (with the name, given to the signer separately).
+
+        ``scope`` only when set: refs signed without one keep the exact bytes they were signed over.
+        """
+        body = {
             "name": self.name,
             "digest": self.digest,
             "size": self.size,
@@ -95,6 +100,9 @@ class Ref:
             "producer": dict(self.producer),
             "extra": dict(self.extra),
         }
+        if self.scope:
+            body["scope"] = self.scope
+        return body
 
 
 _last_version = 0
@@ -142,6 +150,7 @@ def write_ref(
         producer=dict(producer or {}),
         extra=dict(extra or {}),
         version=_next_version(floor),
+        scope=settings.signing_scope,
     )
     doc = ref.body()
     if keys.enabled:
@@ -159,7 +168,10 @@ def _stored_version(store: Store, name: str, settings: Settings) -> int:
         ref = _parse(store, name, store.read_bytes(layout.ref_key(name)))
     except (NotFoundError, BundleError):
         return 0
-    return ref.version if signing.keyring(settings).verify(KIND, name, ref.body(), ref.signature) else 0
+    try:
+        return ref.version if signing.keyring(settings).verify(KIND, name, ref.body(), ref.signature) else 0
+    except (RecursionError, ValueError, TypeError):  # hostile content: it must never block a push
+        return 0
 
 
 def read_ref(store: Store, name: str, settings: Settings | None = None) -> Ref:
@@ -176,16 +188,42 @@ def read_ref(store: Store, name: str, settings: Settings | None = None) -> Ref:
     if problem is not None:
         raise SignatureError(f"ref {key} in {store.url} {problem}. It is refused because signing is configured "
                              "here; push it again from a producer that holds a trusted key")
+    if settings.signing_scope and ref.scope != settings.signing_scope:
+        raise SignatureError(
+            f"ref {key} in {store.url} is signed for scope {ref.scope or '(none)'!r}, not "
+            f"{settings.signing_scope!r} (BUNDLER_SIGNING_SCOPE): it was copied here from another store or "
+            "prefix signed with the same key. Push it again from this scope's producer"
+        )
     _check_age(ref, key, store, settings)
     if keys.enabled:
         _check_not_replayed(ref, key, store, settings)
     return ref
 
 
+#: Refs are flat (``extra`` holds a few plain mappings); a document nested this deep is built to
+#: break whatever encodes it again (the signature check re-encodes the body one level deeper).
+_MAX_DEPTH = 32
+
+
+def _too_deep(doc: object) -> bool:
+    pending = [(doc, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > _MAX_DEPTH:
+            return True
+        if isinstance(value, dict):
+            pending.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            pending.extend((v, depth + 1) for v in value)
+    return False
+
+
 def _parse(store: Store, name: str, raw: bytes) -> Ref:
     key = layout.ref_key(name)
     try:
         doc = json.loads(raw)
+        if _too_deep(doc):
+            raise ValueError(f"nested deeper than {_MAX_DEPTH} levels")
         ref = Ref(
             name=doc["name"],
             digest=layout.check_digest(doc["digest"]),
@@ -195,7 +233,10 @@ def _parse(store: Store, name: str, raw: bytes) -> Ref:
             extra=dict(doc.get("extra", {})),
             signature=doc.get("signature"),
             version=doc.get("version", 0),
+            scope=doc.get("scope", ""),
         )
+        if not isinstance(ref.scope, str):
+            raise TypeError("scope must be a string")
         if not isinstance(ref.signature, str | None) or not all(
             isinstance(v, str) for v in ref.producer.values()
         ):

@@ -165,7 +165,11 @@ class Keyring:
             value = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             return "has a wrong signature: its value is not base64"
-        if not key.verify(_message(kind, name, body, scheme, key_id), value):
+        try:
+            message = _message(kind, name, body, scheme, key_id)
+        except (RecursionError, ValueError, TypeError) as exc:  # a body built to break the encoder
+            return f"cannot be checked: its content cannot be encoded for the check ({type(exc).__name__})"
+        if not key.verify(message, value):
             return f"has a wrong signature: it was tampered with, or signed with another key than {key_id}"
         return None
 
