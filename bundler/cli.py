@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bundler import __version__
-from bundler.errors import BundlerError, ConfigError, LocalFileNotFoundError
+from bundler.errors import BundlerError, ConfigError, LocalFileNotFoundError, NotFoundError
 
 log = logging.getLogger("bundler")
 
@@ -356,19 +356,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _StoreFolderMissing(NotFoundError):
+    """A missing folder store: ``bundler ls`` would only say the same again (see _with_next_step)."""
+
+
 def _check_store_exists(store) -> None:  # noqa: ANN001 - any Store
     """A folder store that does not exist is said so (exit 3), not read as an empty store.
 
     Like S3's NoSuchBucket: a typo in the path must not look like a missing ref.
     """
-    from bundler.errors import NotFoundError
     from bundler.stores import LocalStore
 
     if isinstance(store, LocalStore) and not store.root.is_dir():
-        error = NotFoundError(f"store folder {store.root} does not exist; check --remote / BUNDLER_REMOTE "
-                              "(a push or an import creates it)")
-        error.next_step_given = True  # `bundler ls` would only say the same again
-        raise error
+        raise _StoreFolderMissing(f"store folder {store.root} does not exist; check --remote / BUNDLER_REMOTE "
+                                  "(a push or an import creates it)")
 
 
 def _ref_doc(store, name: str, settings) -> dict:  # noqa: ANN001 - Store, Settings
@@ -423,7 +424,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from bundler.errors import NotFoundError
     from bundler.remote import layout
 
     store, _ = _store(args)
@@ -1067,10 +1067,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _with_next_step(exc: BundlerError) -> str:
     """Store misses name the command that shows what is there."""
-    from bundler.errors import NotFoundError
-
     message = str(exc)
-    if isinstance(exc, NotFoundError) and "bundler ls" not in message and not getattr(exc, "next_step_given", False):
+    if isinstance(exc, NotFoundError) and not isinstance(exc, _StoreFolderMissing) and "bundler ls" not in message:
         message += "; run `bundler ls` to see the refs and bundles in the store"
     return message
 

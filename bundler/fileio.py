@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -96,6 +97,39 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 _PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.")
+
+
+#: How a file that must be a plain file is opened for reading: never through a link at its name
+#: (a link planted in a shared folder could make this process read anything it may read), and
+#: without waiting for a FIFO's writer, which would block forever. Regular files ignore
+#: ``O_NONBLOCK``, so reads of them behave as usual.
+_REGULAR_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class NotARegularFile(Exception):
+    """Something other than a regular file is at the path: a folder, FIFO, socket or device."""
+
+    def __init__(self, mode: int) -> None:
+        super().__init__(mode)
+        self.mode = mode
+
+
+def open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """A read-only descriptor on the regular file at ``path``, and its ``fstat`` (what is checked
+    is what is read). A link at ``path`` fails as ``open`` does under ``O_NOFOLLOW`` (ELOOP; ENXIO
+    for a socket); anything else that is no regular file raises :class:`NotARegularFile`, with the
+    descriptor closed. The descriptor is the caller's to close.
+    """
+    fd = os.open(path, _REGULAR_FLAGS)
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotARegularFile(st.st_mode)
+    return fd, st
 
 
 def host_tag(nodename: str) -> str:

@@ -494,8 +494,8 @@ def _entries_time_ns(entries: dict[str, recording.Source]) -> int:
 
 # --- the module-level API (one stack of sessions per process) ---------------------------------------
 
-_sessions: list[CompileSession] = []
-_begun_on: dict[int, int] = {}  # id(session) -> the thread that began it
+#: Open sessions, oldest first, each with the thread that began it (``end_compile`` is per thread).
+_sessions: list[tuple[CompileSession, int]] = []
 _sessions_lock = threading.Lock()
 
 
@@ -514,8 +514,7 @@ def begin_compile(
     """Open a compile session for ``code`` (or its ``code_hash``) and make it the current one."""
     session = CompileSession(code=code, code_hash=code_hash, settings=settings).begin()
     with _sessions_lock:
-        _sessions.append(session)
-        _begun_on[id(session)] = threading.get_ident()
+        _sessions.append((session, threading.get_ident()))
     return session
 
 
@@ -543,9 +542,7 @@ def end_compile() -> Any:
     """
     with _sessions_lock:
         session = _current_locked()
-        if session is not None:
-            _sessions.remove(session)
-            _begun_on.pop(id(session), None)
+        _forget_locked(session)
     return session.end() if session is not None else None
 
 
@@ -562,10 +559,12 @@ def current() -> CompileSession | None:
 
 def _current_locked() -> CompileSession | None:
     me = threading.get_ident()
-    for session in reversed(_sessions):
-        if _begun_on.get(id(session)) == me:
-            return session
-    return _sessions[-1] if _sessions else None
+    mine = (session for session, thread in reversed(_sessions) if thread == me)
+    return next(mine, _sessions[-1][0] if _sessions else None)
+
+
+def _forget_locked(session: CompileSession | None) -> None:
+    _sessions[:] = [pair for pair in _sessions if pair[0] is not session]
 
 
 @contextlib.contextmanager
@@ -579,9 +578,7 @@ def compile_session(
             yield session
     finally:
         with _sessions_lock:
-            if session in _sessions:
-                _sessions.remove(session)
-            _begun_on.pop(id(session), None)
+            _forget_locked(session)
 
 
 # --- bundler warm: a prebake around any command ---------------------------------------------------

@@ -73,6 +73,16 @@ def craft(
     return zstd(body), hashlib.sha256(man).hexdigest()
 
 
+def packed(source: object) -> bytes:
+    """A bundle of ``source`` made by our own writer (``archive.pack``), as bytes."""
+    from bundler.bundle import archive
+    from bundler.config import Settings
+
+    out = io.BytesIO()
+    archive.pack(source, out, settings=Settings(zstd_threads=1))  # type: ignore[arg-type]
+    return out.getvalue()
+
+
 def honest(files: Mapping[str, bytes]) -> tuple[bytes, str]:
     return craft([regular(n, d) for n, d in sorted(files.items())], files)
 

@@ -20,17 +20,11 @@ from bundler.config import Settings
 from bundler.errors import UnsafeMemberError
 from bundler.fileio import FileOps
 
-from bundles import write_tree
+from bundles import packed, write_tree
 
 SETTINGS = Settings(zstd_threads=1)
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"-----BEGIN PRIVATE KEY----- top secret\n"
-
-
-def pack_bytes(source) -> bytes:
-    out = io.BytesIO()
-    archive.pack(source, out, settings=SETTINGS)
-    return out.getvalue()
 
 
 # --- pack reads regular files only, never through a link (pack_follows_links.py, pack_fifo_hang.py)
@@ -49,7 +43,7 @@ def test_a_named_source_that_is_a_link_is_refused(shared_cache):
     cache, secret = shared_cache
     (cache / "k/a.json").symlink_to(secret)
     with pytest.raises(UnsafeMemberError, match=r"a\.json: it is a symbolic link"):
-        pack_bytes({"triton/k/a.json": cache / "k/a.json", "triton/k/good.json": cache / "k/good.json"})
+        packed({"triton/k/a.json": cache / "k/a.json", "triton/k/good.json": cache / "k/good.json"})
 
 
 def test_a_named_source_that_is_a_fifo_is_refused_without_waiting(shared_cache):
@@ -57,7 +51,7 @@ def test_a_named_source_that_is_a_fifo_is_refused_without_waiting(shared_cache):
     cache, _ = shared_cache
     os.mkfifo(cache / "k/a.json")
     with pytest.raises(UnsafeMemberError, match=r"a\.json: not a regular file"):
-        pack_bytes({"triton/k/a.json": cache / "k/a.json"})
+        packed({"triton/k/a.json": cache / "k/a.json"})
 
 
 def test_a_fifo_with_a_writer_is_refused_as_not_a_regular_file(shared_cache):
@@ -68,7 +62,7 @@ def test_a_fifo_with_a_writer_is_refused_as_not_a_regular_file(shared_cache):
     try:
         os.write(fd, b"x")
         with pytest.raises(UnsafeMemberError, match="not a regular file"):
-            pack_bytes({"triton/k/a.json": cache / "k/a.json"})
+            packed({"triton/k/a.json": cache / "k/a.json"})
     finally:
         os.close(fd)
 
@@ -76,7 +70,7 @@ def test_a_fifo_with_a_writer_is_refused_as_not_a_regular_file(shared_cache):
 def test_a_named_folder_is_refused(shared_cache):
     cache, _ = shared_cache
     with pytest.raises(UnsafeMemberError, match="not a regular file"):
-        pack_bytes({"triton/k": cache / "k"})
+        packed({"triton/k": cache / "k"})
 
 
 def _swap_after_scan(monkeypatch, swap) -> None:
@@ -100,7 +94,7 @@ def test_a_file_swapped_for_a_link_after_the_scan_is_refused(shared_cache, monke
 
     _swap_after_scan(monkeypatch, swap)
     with pytest.raises(UnsafeMemberError, match="symbolic link"):
-        pack_bytes(cache)
+        packed(cache)
 
 
 def test_a_folder_swapped_for_a_link_after_the_scan_cannot_redirect_the_read(shared_cache, monkeypatch):
@@ -114,14 +108,14 @@ def test_a_folder_swapped_for_a_link_after_the_scan_cannot_redirect_the_read(sha
 
     _swap_after_scan(monkeypatch, swap)
     with pytest.raises(UnsafeMemberError, match="id_rsa: it is not the file found there"):
-        pack_bytes(cache)
+        packed(cache)
 
 
 def test_a_file_replaced_after_the_scan_is_refused(shared_cache, monkeypatch):
     cache, _ = shared_cache
     _swap_after_scan(monkeypatch, lambda: os.replace(_written(cache.parent / "new", b"new"), cache / "k/good.json"))
     with pytest.raises(UnsafeMemberError, match="not the file found there"):
-        pack_bytes(cache)
+        packed(cache)
 
 
 def _written(path: Path, data: bytes) -> Path:
@@ -132,7 +126,7 @@ def _written(path: Path, data: bytes) -> Path:
 def test_honest_sources_still_pack_the_same_bytes(shared_cache):
     cache, _ = shared_cache
     named = {"k/good.json": cache / "k/good.json"}
-    assert pack_bytes(cache) == pack_bytes(named) == pack_bytes({"k/good.json": b"{}"})
+    assert packed(cache) == packed(named) == packed({"k/good.json": b"{}"})
 
 
 # --- a live unpack's staging folder is never swept (pidns_sweep.py, pidns_sweep_partial.py) ------
@@ -163,10 +157,10 @@ class _OtherUnpackAtCommit(FileOps):
 def _race(tmp_path: Path, prefix: list[str], fake: str) -> tuple[subprocess.CompletedProcess, Path]:
     dest = tmp_path / "dest"
     dest.mkdir()
-    (tmp_path / "other.tar.zst").write_bytes(pack_bytes({"other/a.bin": b"a"}))
+    (tmp_path / "other.tar.zst").write_bytes(packed({"other/a.bin": b"a"}))
     code = _OTHER_UNPACK.format(repo=str(REPO), fake=fake, bundle=str(tmp_path / "other.tar.zst"), dest=str(dest))
     ops = _OtherUnpackAtCommit([*prefix, sys.executable, "-c", code])
-    data = pack_bytes({f"kern/{i:02}.bin": b"x" * 100 for i in range(20)})
+    data = packed({f"kern/{i:02}.bin": b"x" * 100 for i in range(20)})
     archive.unpack(io.BytesIO(data), dest, settings=SETTINGS, ops=ops)
     assert ops.result is not None and ops.result.returncode == 0, ops.result and ops.result.stderr
     assert sorted(os.listdir(dest / "kern")) == [f"{i:02}.bin" for i in range(20)]
@@ -197,7 +191,7 @@ def test_an_abandoned_staging_folder_is_still_swept(tmp_path):
     dead.wait()
     left = tmp_path / f"{placement.STAGING_PREFIX}{fileio.HOST}-{dead.pid}-0123abcd"
     write_tree(left, {"t/k/partial.bin": b"partial"})
-    archive.unpack(io.BytesIO(pack_bytes({"x": b"1"})), tmp_path, settings=SETTINGS)
+    archive.unpack(io.BytesIO(packed({"x": b"1"})), tmp_path, settings=SETTINGS)
     assert not left.exists()
 
 

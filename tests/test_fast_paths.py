@@ -20,7 +20,7 @@ from bundler.bundle.manifest import FileRecord, Manifest
 from bundler.config import Settings
 from bundler.errors import BundlerError
 
-from bundles import raw_bundle, raw_member
+from bundles import packed, raw_bundle, raw_member
 
 SETTINGS = Settings(zstd_threads=1)
 _ALPHABET = [chr(c) for c in range(1, 128)] + ["é", "日", "\U0001f600", '"', "\\", "\u2028"]
@@ -49,12 +49,6 @@ def test_headers_the_fast_path_leaves_alone_still_carry_pax_records():
         assert tarformat.parse_header(block[:512]).typeflag == b"x"
 
 
-def _bundle(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    archive.pack(files, out, settings=SETTINGS)
-    return out.getvalue()
-
-
 def test_a_valid_header_that_is_not_ours_is_parsed_and_accepted(tmp_path):
     """A header our writer would not make (space-ended size field) takes the full parse, and passes."""
     data = b"hello"
@@ -72,7 +66,7 @@ def test_chunk_buffers_are_never_reused_while_a_piece_of_them_is_held():
     files = {f"k/{i:05}.bin": rnd.randbytes(rnd.randrange(1, 9000)) for i in range(3000)}  # ~13 MB
     pieces: dict[str, list[memoryview]] = {}
     current = None
-    for kind, value in reader.events(io.BytesIO(_bundle(files)), SETTINGS):
+    for kind, value in reader.events(io.BytesIO(packed(files)), SETTINGS):
         if kind == reader.BEGIN:
             current = pieces.setdefault(value.path, [])  # type: ignore[attr-defined]
         elif kind == reader.DATA:
@@ -82,7 +76,7 @@ def test_chunk_buffers_are_never_reused_while_a_piece_of_them_is_held():
 
 def test_chunk_buffers_are_reused_once_let_go():
     files = {f"k/{i:05}.bin": os.urandom(4096) for i in range(1000)}  # ~4 MB, does not compress
-    source = reader._Source(io.BytesIO(_bundle(files)), SETTINGS)
+    source = reader._Source(io.BytesIO(packed(files)), SETTINGS)
     while source._next():
         pass
     assert len(source._pool) <= 2  # each chunk was let go before the next read

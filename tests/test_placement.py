@@ -27,7 +27,7 @@ from bundler.config import Settings
 from bundler.errors import LocalCacheError, UnsafeMemberError
 from bundler.fileio import FileOps
 
-from bundles import honest, snapshot, write_tree
+from bundles import honest, packed, snapshot, write_tree
 
 SETTINGS = Settings(zstd_threads=1)
 OLD = {"a/b/c/old.bin": b"old c", "a/b/keep.txt": b"mine", "a/top.bin": b"old a", "root.json": b"old root"}
@@ -236,9 +236,7 @@ def test_roll_back_restores_a_link_fifo_or_socket_the_commit_replaced(area, kind
     dest = area / "dest"
     write_tree(dest, {"k/real.json": b"target", "k/z.bin": b"old z"})
     _special(kind, dest / "k/a.json")
-    out = io.BytesIO()
-    archive.pack({"k/a.json": b"new a", "k/z.bin": b"new z"}, out, settings=SETTINGS)
-    data = out.getvalue()
+    data = packed({"k/a.json": b"new a", "k/z.bin": b"new z"})
     before = snapshot(area)
     with pytest.raises(LocalCacheError, match="disk is full"):
         unpack(data, dest, FailAt("replace", 2, errno.ENOSPC))  # k/a.json moved, then k/z.bin fails
@@ -528,12 +526,11 @@ def test_a_failed_unpack_never_takes_back_files_a_concurrent_one_placed(area):
     staging, B's files with it. Nothing wrong is left, only missing (B's next start pulls
     again); the fix that moved whole folders last made a full disk leave a half-placed bundle."""
     dest = area / "dest"
-    out = io.BytesIO()
     files = {"fresh/k/x.bin": b"x", "fresh/y.bin": b"y", "root.json": b"new root"}
-    archive.pack(files, out, settings=SETTINGS)
-    ops = _OtherUnpackThenFull(out.getvalue(), dest)
+    data = packed(files)
+    ops = _OtherUnpackThenFull(data, dest)
     with pytest.raises(LocalCacheError, match="disk is full"):
-        unpack(out.getvalue(), dest, ops)
+        unpack(data, dest, ops)
     assert ops.other is not None  # B ran, and returned success: its files must stay
     for name, data in files.items():
         assert (dest / name).read_bytes() == data

@@ -31,8 +31,8 @@ def filled(s3_server: str) -> str:
 
 
 def test_reads_give_the_stores_bytes_listing_and_errors(filled: str) -> None:
-    store, proxy = open_store(filled), ProxyStore(Settings(remote=filled))
-    try:
+    store = open_store(filled)
+    with ProxyStore(Settings(remote=filled)) as proxy:
         assert proxy.read_bytes("refs/a") == store.read_bytes("refs/a")
         with proxy.open_read("bundles/big") as stream:
             assert stream.read(10) + stream.read() == store.read_bytes("bundles/big", limit=1 << 30)
@@ -44,8 +44,6 @@ def test_reads_give_the_stores_bytes_listing_and_errors(filled: str) -> None:
         assert proxy._child is not None  # all of it through the helper, which is still up
         with pytest.raises(StoreError, match="only reads"):
             proxy.write_bytes("refs/b", b"")
-    finally:
-        proxy.close()
 
 
 def test_the_reading_process_never_loads_botocore(filled: str) -> None:
@@ -64,8 +62,7 @@ def test_the_reading_process_never_loads_botocore(filled: str) -> None:
 
 
 def test_a_helper_that_dies_mid_object_fails_that_read_then_reads_fall_back(filled: str) -> None:
-    proxy = ProxyStore(Settings(remote=filled))
-    try:
+    with ProxyStore(Settings(remote=filled)) as proxy:
         with proxy.open_read("bundles/big") as stream:
             stream.read(1)
             proxy._child.kill()  # type: ignore[union-attr]
@@ -73,20 +70,15 @@ def test_a_helper_that_dies_mid_object_fails_that_read_then_reads_fall_back(fill
                 stream.read()
         assert proxy.read_bytes("refs/a") == b'{"digest": "x"}'  # in this process now
         assert proxy._child is None
-    finally:
-        proxy.close()
 
 
 def test_a_helper_gone_between_reads_costs_nothing(filled: str) -> None:
-    proxy = ProxyStore(Settings(remote=filled))
-    try:
+    with ProxyStore(Settings(remote=filled)) as proxy:
         assert proxy.head("refs/a") is not None
         proxy._child.kill()  # type: ignore[union-attr]
         proxy._child.wait()  # type: ignore[union-attr]
         assert proxy.read_bytes("refs/a") == b'{"digest": "x"}'  # no error: nothing was read yet
         assert [i.key for i in proxy.list("refs/")] == ["refs/a"]
-    finally:
-        proxy.close()
 
 
 def test_a_helper_that_cannot_start_reads_in_process(filled: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,12 +91,8 @@ def test_a_helper_that_cannot_start_reads_in_process(filled: str, monkeypatch: p
 
 def test_a_store_the_helper_cannot_open_fails_as_it_would_here(s3_bucket: str, moto_endpoint: str) -> None:
     url = f"s3://{s3_bucket}/p?endpoint=not-a-url&addressing=path"
-    proxy = ProxyStore(Settings(remote=url))
-    try:
-        with pytest.raises(ConfigError, match="not-a-url"):
-            proxy.read_bytes("refs/a")
-    finally:
-        proxy.close()
+    with ProxyStore(Settings(remote=url)) as proxy, pytest.raises(ConfigError, match="not-a-url"):
+        proxy.read_bytes("refs/a")
 
 
 def test_a_banner_printed_by_the_helpers_interpreter_does_not_break_it(
@@ -116,17 +104,13 @@ def test_a_banner_printed_by_the_helpers_interpreter_does_not_break_it(
     site.mkdir()
     (site / "sitecustomize.py").write_text("import os\nprint('Hello from site')\nos.write(1, b'raw banner\\n')\n")
     monkeypatch.syspath_prepend(str(site))
-    proxy = ProxyStore(Settings(remote=filled))
-    try:
+    with ProxyStore(Settings(remote=filled)) as proxy:
         assert proxy.read_bytes("refs/a") == b'{"digest": "x"}'
         assert proxy._child is not None  # through the helper, not the in-process fallback
-    finally:
-        proxy.close()
 
 
 def test_a_helper_that_sends_garbage_is_dropped_and_reads_fall_back(filled: str) -> None:
-    proxy = ProxyStore(Settings(remote=filled))
-    try:
+    with ProxyStore(Settings(remote=filled)) as proxy:
         assert proxy.head("refs/a") is not None
         fds = list(proxy._fds)
         child = proxy._child
@@ -135,8 +119,6 @@ def test_a_helper_that_sends_garbage_is_dropped_and_reads_fall_back(filled: str)
             frames.write(b"Hello")  # what a stray print in the helper would put there
         assert proxy.read_bytes("refs/a") == b'{"digest": "x"}'
         assert proxy._child is None and fds != proxy._fds
-    finally:
-        proxy.close()
 
 
 def test_a_helper_gone_before_its_settings_arrive_never_raises(

@@ -18,9 +18,9 @@ pytest.importorskip("torch")
 from bundler.integrations import torch_gate  # noqa: E402
 
 
-def _compile_on_threads(call, ready: threading.Event, names: tuple[str, ...]) -> tuple[list, list]:  # noqa: ANN001
-    """Start a thread per name calling ``call(name)``; each records whether ``ready`` was set when
-    its call got through. The threads start 50 ms apart, the second while the first waits."""
+def _compile_on_threads(call, names: tuple[str, ...]) -> tuple[list, list]:  # noqa: ANN001
+    """Start a thread per name calling ``call(name, seen)``, which records into ``seen`` what its
+    call found. The threads start 50 ms apart, the second while the first waits."""
     seen: list[tuple[str, bool]] = []
     threads = [threading.Thread(target=call, args=(name, seen)) for name in names]
     for thread in threads:
@@ -42,7 +42,7 @@ def test_a_second_thread_compiling_while_the_first_waits_waits_too() -> None:
     torch_gate.hold_until(ready, 30, "the bundle")
     gated = torch_gate._gated(_recorder(ready))
     try:
-        seen, threads = _compile_on_threads(gated, ready, ("model_a", "model_b"))
+        seen, threads = _compile_on_threads(gated, ("model_a", "model_b"))
         time.sleep(0.3)
         assert seen == [], f"a compile went ahead before the bundle was in place: {seen}"
         ready.set()
@@ -60,7 +60,7 @@ def test_a_late_fetch_releases_every_waiting_compile_with_one_warning(caplog: py
     gated = torch_gate._gated(_recorder(ready))
     try:
         started = time.monotonic()
-        seen, threads = _compile_on_threads(gated, ready, ("model_a", "model_b"))
+        seen, threads = _compile_on_threads(gated, ("model_a", "model_b"))
         for thread in threads:
             thread.join(30)
         assert sorted(seen) == [("model_a", False), ("model_b", False)]
@@ -84,7 +84,7 @@ def test_a_second_header_build_waits_for_the_header_bundle_too() -> None:
     gated = torch_gate._gated_header_write(write, codecache)
     try:
         seen, threads = _compile_on_threads(lambda name, seen: gated(name, seen, specified_dir="/headers"),
-                                            ready, ("h1", "h2"))
+                                            ("h1", "h2"))
         time.sleep(0.3)
         assert seen == []
         ready.set()

@@ -240,14 +240,13 @@ class _RewrittenMidDownload:
 
 
 @pytest.mark.parametrize("where", ["s3_inprocess", "s3_server"])
-def test_a_bundle_rewritten_while_it_downloads_is_downloaded_again(where, request, tmp_path):
+def test_a_bundle_rewritten_while_it_downloads_is_downloaded_again(where, request, tmp_path, small_settings):
     """The ranged GETs after the rewrite fail If-Match (412); the pull starts over, verifies the new
     object against the digest and succeeds, instead of failing (and a job disabling its store)."""
     url = request.getfixturevalue(where)
     files = {f"k{i}/kernel.cubin": os.urandom(40_000) for i in range(20)}
     write_tree(tmp_path / "src", files)
-    ranged = Settings(multipart_threshold=384 << 10, multipart_chunksize=64 << 10, max_concurrency=1,
-                      max_attempts=2, connect_timeout=2.0, read_timeout=5.0)
+    ranged = small_settings.replace(max_concurrency=1, max_attempts=2)  # one ranged GET at a time
     other_parts = ranged.replace(multipart_chunksize=128 << 10)
     with open_store(url, ranged) as store:
         pushed = transfer.push(store, tmp_path / "src", settings=ranged)

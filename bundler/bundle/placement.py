@@ -19,10 +19,9 @@ Steps, and why each exists:
    A top-level folder the root does not have yet (a fresh cache, or a kernel this node never
    compiled) moves with one ``rename`` of the whole staged subtree: 630 renames instead of 4,410
    for the benchmark corpus, and a rename never follows a link at its target. Those renames
-   come after every per-file move, so that little can fail after them: undoing one would also
-   take away files that another unpack of the same bundle merged into the folder meanwhile, and
-   reported as placed. Everything else moves per file; a file it replaces is first hard-linked into staging, so the move can be
-   undone, and readers still see either the old file or the complete new one.
+   come first, before the per-file moves (why, and the limit it leaves: docs/design-notes.md).
+   Everything else moves per file; a file it replaces is first hard-linked into staging, so the
+   move can be undone, and readers still see either the old file or the complete new one.
 6. Confirm: each folder written into must still be the one its parent names. A folder swapped
    meanwhile (the writes went into the real folder, wherever it now is) fails the unpack with
    :class:`UnsafeMemberError`, and everything is undone.

@@ -139,14 +139,18 @@ class _Frames:
             )
 
 
+def _content_size_bytes(descriptor: int) -> int:
+    """Bytes of the Frame_Content_Size field its Frame_Header_Descriptor announces."""
+    return _CONTENT_SIZE_BYTES[descriptor >> 6] or (1 if descriptor & 0x20 else 0)
+
+
 def _header_size(head: bytes) -> int:
     """The full size of the frame header starting ``head`` (magic and descriptor at least)."""
     if head[:4] != _ZSTD_MAGIC:
         return 5  # refused by _frame_header
     descriptor = head[4]
-    single = descriptor & 0x20
-    content = _CONTENT_SIZE_BYTES[descriptor >> 6] or (1 if single else 0)
-    return 5 + (0 if single else 1) + _DICT_ID_BYTES[descriptor & 3] + content
+    window = 0 if descriptor & 0x20 else 1  # no Window_Descriptor in a single-segment frame
+    return 5 + window + _DICT_ID_BYTES[descriptor & 3] + _content_size_bytes(descriptor)
 
 
 def _frame_header(head: bytes) -> int:
@@ -156,8 +160,7 @@ def _frame_header(head: bytes) -> int:
     if head[:4] != _ZSTD_MAGIC:
         raise NotABundleError("not a valid zstd stream: bytes that are not a zstd frame")
     descriptor = head[4]
-    single = descriptor & 0x20
-    content = _CONTENT_SIZE_BYTES[descriptor >> 6] or (1 if single else 0)
+    content = _content_size_bytes(descriptor)
     if content and int.from_bytes(head[len(head) - content :], "little") == 0 and content != 2:
         raise NotABundleError("the bundle holds an empty zstd frame; bundles are made of frames with data")
     return 4 if descriptor & 0x04 else 0

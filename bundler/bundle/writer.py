@@ -18,7 +18,6 @@ import hashlib
 import io
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from bundler.bundle.manifest import MANIFEST_NAME, FileRecord, Manifest
 from bundler.bundle.placement import STAGING_PREFIX
 from bundler.config import Settings
 from bundler.errors import BundlerError, LimitExceededError, LocalFileNotFoundError, UnsafeMemberError
+from bundler.fileio import NotARegularFile, open_regular
 from bundler.frozen import Frozen
 
 Source = Path | str | Mapping[str, Path | str | bytes]
@@ -137,9 +137,7 @@ def _walk(root: Path) -> Iterator[_Item]:
                     elif entry.is_file():
                         yield name, path, (st.st_dev, entry.inode())
                     else:
-                        raise UnsafeMemberError(
-                            f"cannot pack {path}: not a regular file (bundles hold regular files only)"
-                        )
+                        raise UnsafeMemberError(_not_regular_message(path))
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise UnsafeMemberError(_link_message(Path(folder))) from None
@@ -205,43 +203,32 @@ class _Spool:
             self._pos = 0
 
 
-#: How a source file is opened: never through a link at its name (a link planted in a shared
-#: cache would pack its target, ``~/.ssh/id_rsa`` say, into a bundle others pull), and without
-#: waiting on a FIFO's writer, which would hold ``pack`` forever.
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
 def _open_source(origin: str, name: str, expect: tuple[int, int] | None) -> tuple[int, int]:
     """An open descriptor on the regular file at ``origin`` and its size; the same policy for
     files named by a mapping as for files a directory walk found.
 
-    Steps, and why:
-
-    1. ``open`` with :data:`_OPEN_FLAGS`: a link at ``origin`` fails there (ELOOP), a FIFO opens
-       at once instead of blocking.
-    2. ``fstat`` the descriptor: anything but a regular file (FIFO, socket, device, folder) is
-       refused, named, as the walk refuses it.
-    3. For a walked file, the descriptor's (st_dev, st_ino) must be the walk's: a folder on the
-       path swapped for a link since the walk, or the file replaced, is refused.
-
-    The descriptor is the caller's to close.
+    :func:`bundler.fileio.open_regular` opens it: never through a link at its name (a link planted
+    in a shared cache would pack its target, ``~/.ssh/id_rsa`` say, into a bundle others pull),
+    without waiting on a FIFO's writer, and only a regular file. For a walked file the
+    descriptor's (st_dev, st_ino) must also be the walk's: a folder on the path swapped for a
+    link since the walk, or the file replaced, is refused. The descriptor is the caller's to close.
     """
     try:
-        fd = os.open(origin, _OPEN_FLAGS)
+        fd, st = open_regular(origin)
+    except NotARegularFile:
+        raise UnsafeMemberError(_not_regular_message(origin)) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafeMemberError(_link_message(Path(origin))) from None
         raise BundlerError(f"cannot read {origin} to pack it as {name!r}: {exc.strerror or exc}") from exc
-    try:
-        st = _read(os.fstat, origin, name, fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeMemberError(f"cannot pack {origin}: not a regular file (bundles hold regular files only)")
-        if expect is not None and (st.st_dev, st.st_ino) != expect:
-            raise UnsafeMemberError(_replaced_message(origin))
-    except BaseException:
+    if expect is not None and (st.st_dev, st.st_ino) != expect:
         os.close(fd)
-        raise
+        raise UnsafeMemberError(_replaced_message(origin))
     return fd, st.st_size
+
+
+def _not_regular_message(path: str) -> str:
+    return f"cannot pack {path}: not a regular file (bundles hold regular files only)"
 
 
 def _put_file(origin: str, name: str, out: _Spool, expect: tuple[int, int] | None = None) -> tuple[int, hashlib._Hash]:

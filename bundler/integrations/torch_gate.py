@@ -100,11 +100,9 @@ def hold_headers_until(ready: threading.Event, limit_s: float, what: str) -> boo
     False where this torch lacks the seam (no ``codecache.write`` or ``_HEADER_DIR``): the caller
     then has the first compile wait for the headers instead, as it waits for the main bundle.
     """
-    codecache = _codecache()
+    if not watch_headers():
+        return False
     with _lock:
-        if codecache is None:
-            return False
-        _install_header_write(codecache)
         _headers_pending.append(_Hold(ready, limit_s, what))
     return True
 

@@ -32,7 +32,7 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.placement import Destination, Placement
 from bundler.config import Settings
 from bundler.errors import BundleError, ConfigError, NotFoundError, ObjectReplacedError
-from bundler.fileio import FileOps, write_atomically
+from bundler.fileio import FileOps, NotARegularFile, open_regular, write_atomically
 from bundler.progress import NULL_PROGRESS, Progress
 from bundler.remote import layout, refs
 from bundler.remote.refs import Ref, read_ref
@@ -397,14 +397,11 @@ def _read_marker(done: Path, limit: int) -> bytes | None:
     (or block forever on) something else, and a FIFO must not hang the pull.
     """
     try:
-        fd = os.open(done, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        fd, found = open_regular(done)
+    except (OSError, NotARegularFile):
         return None
     with os.fdopen(fd, "rb") as f:
-        found = os.fstat(fd)
-        if not stat.S_ISREG(found.st_mode) or found.st_size > limit:
-            return None
-        return f.read(limit + 1)
+        return f.read(limit + 1) if found.st_size <= limit else None
 
 
 def _record_unpacked(done: Path, man: Manifest) -> None:

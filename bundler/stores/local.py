@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from bundler.config import redact_url
 from bundler.errors import AccessDeniedError, ConfigError, NotFoundError, StoreError
-from bundler.fileio import HOST, FileOps, owner_is_gone
+from bundler.fileio import HOST, FileOps, NotARegularFile, open_regular, owner_is_gone
 from bundler.progress import NULL_PROGRESS, Progress
 from bundler.stores.base import ObjectInfo, Store
 from bundler.stores.streams import ChunkReader
@@ -44,8 +44,6 @@ _SWEEP_EVERY_S = 60.0
 _COPY_CHUNK = 1 << 20
 # link() errors that mean "this filesystem has no hard links", not "the name is taken".
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
-#: How objects are opened for reading (see :meth:`LocalStore._open_object` for why each flag).
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 # open() errors that mean "something is at the key, but no file": a link under O_NOFOLLOW (ELOOP on
 # Linux, EMLINK on the BSDs), a socket (ENXIO).
 _NOT_A_FILE_ERRNOS = {errno.ELOOP, errno.EMLINK, errno.ENXIO}
@@ -118,21 +116,19 @@ class LocalStore(Store):
     def _open_object(self, key: str) -> tuple[BinaryIO, int]:
         """The open file of ``key`` and its size; anything but a plain file reads as missing.
 
-        Steps, and why:
-        1. ``O_NONBLOCK``: opening a FIFO for reading waits for a writer, forever in a store (and
-           some devices wait too); non-blocking, open returns at once whatever is there;
-        2. ``O_NOFOLLOW``: writes publish files by rename, never links, so a link at a key is not
-           an object of ours, and following it could read anything this process may read;
-        3. ``fstat`` of the open descriptor, not ``stat`` of the path: what is checked is what is read;
-        4. not a regular file: NotFoundError, as :meth:`head` says (None), naming the path so
-           someone can remove it; a miss, so it never trips a store's breaker;
-        5. ``O_NONBLOCK`` cleared again, so reads of the file behave as usual.
+        :func:`bundler.fileio.open_regular` opens it: a FIFO at a key must not block the reader
+        forever, and writes publish files by rename, never links, so a link at a key is no object
+        of ours (following it could read anything this process may read). Anything but a regular
+        file is a NotFoundError, as :meth:`head` says (None), naming the path so someone can
+        remove it; a miss, so it never trips a store's breaker.
         """
         path = key_path(self.root, key)
         try:
-            fd = os.open(path, _READ_FLAGS)
+            fd, st = open_regular(path)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFoundError(f"{key!r} not found in {self.url}") from None
+        except NotARegularFile as exc:
+            raise _not_a_file(key, self.url, path, _kind_of(exc.mode)) from None
         except PermissionError as exc:
             raise AccessDeniedError(
                 f"cannot read {key!r} in {self.url}: {exc.strerror}; check permissions"
@@ -141,15 +137,7 @@ class LocalStore(Store):
             if exc.errno in _NOT_A_FILE_ERRNOS:
                 raise _not_a_file(key, self.url, path, _kind(path)) from None
             raise StoreError(f"cannot read {key!r} in {self.url} ({path}): {exc.strerror or exc}") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _not_a_file(key, self.url, path, _kind_of(st.st_mode))
-            os.set_blocking(fd, True)
-            return os.fdopen(fd, "rb"), st.st_size
-        except BaseException:
-            os.close(fd)
-            raise
+        return os.fdopen(fd, "rb"), st.st_size
 
     def head(self, key: str) -> ObjectInfo | None:
         """Like :meth:`open_read`: a link, folder, FIFO, socket or device at ``key`` is no object."""
